@@ -1,0 +1,110 @@
+"""The errors fedbucket raises. Catch :class:`FedbucketError` to catch them all.
+
+::
+
+    FedbucketError
+    ├── StorageError                  the bucket could not be read or written
+    │   ├── ObjectNotFound            no object at that name
+    │   └── PreconditionFailed        compare-and-swap lost: the object changed meanwhile
+    ├── SchemaError                   a JSON document is not a valid protocol document
+    │   └── UnsupportedSchemaVersion  a document of a protocol version this code does not speak
+    ├── UpdateRejected                an untrusted update failed validation (``.code``, ``.reason``)
+    │   ├── InvalidIdentifier         client or round id unsafe or not matching the object path
+    │   ├── InvalidManifest           the update manifest is not a valid protocol document
+    │   ├── UpdateTooLarge            payload larger than the round allows
+    │   ├── MalformedPayload          not a well-formed safetensors file
+    │   ├── SchemaMismatch            tensor names, shapes or dtypes differ from the round's schema
+    │   ├── NonFiniteValues           NaN or infinity in the update
+    │   ├── NormTooLarge              L2 norm above the round's hard limit
+    │   ├── ChecksumMismatch          payload bytes differ from the manifest's sha256
+    │   ├── StaleUpdate               made against another base model than the round's
+    │   └── LateUpdate                committed after the round's deadline
+    └── RoundNotOpen                  no open round, or the round closed / passed its deadline
+"""
+
+from __future__ import annotations
+
+
+class FedbucketError(Exception):
+    """Base class of every error fedbucket raises."""
+
+
+class StorageError(FedbucketError):
+    """The bucket could not be read or written."""
+
+
+class ObjectNotFound(StorageError):
+    """No object exists at the given name."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object's generation was not the one expected."""
+
+
+class SchemaError(FedbucketError):
+    """A JSON document does not validate against its protocol model."""
+
+
+class UnsupportedSchemaVersion(SchemaError):
+    """A document declares a ``schema_version`` this code does not understand."""
+
+
+class RoundNotOpen(FedbucketError):
+    """There is no open round, or the round is closed or past its deadline."""
+
+
+class UpdateRejected(FedbucketError):
+    """An update failed validation.
+
+    ``code`` is a stable machine-readable token (it goes into round reports and metrics);
+    ``reason`` is the human explanation.
+    """
+
+    code: str = "rejected"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
+
+class InvalidIdentifier(UpdateRejected):
+    code = "invalid_identifier"
+
+
+class InvalidManifest(UpdateRejected):
+    code = "invalid_manifest"
+
+
+class UpdateTooLarge(UpdateRejected):
+    code = "too_large"
+
+
+class MalformedPayload(UpdateRejected):
+    code = "malformed_payload"
+
+
+class SchemaMismatch(UpdateRejected):
+    code = "schema_mismatch"
+
+
+class NonFiniteValues(UpdateRejected):
+    code = "non_finite"
+
+
+class NormTooLarge(UpdateRejected):
+    code = "norm_too_large"
+
+
+class ChecksumMismatch(UpdateRejected):
+    code = "checksum_mismatch"
+
+
+class StaleUpdate(UpdateRejected):
+    code = "stale_base"
+
+
+class LateUpdate(UpdateRejected):
+    code = "late"

@@ -1,0 +1,214 @@
+"""Server-side operations on a federation bucket: publish models, open rounds, promote.
+
+These are the write paths of the protocol that only the server (the Airflow DAG, the Spark jobs,
+``fedbucket init``) takes. Each is a transaction on the bucket: payload objects first, documents
+after them, pointers last, pointers moved by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from fedbucket.errors import ObjectNotFound, PreconditionFailed, RoundNotOpen
+from fedbucket.layout import LAYOUT, BucketLayout
+from fedbucket.schemas import (
+    Document,
+    DocumentT,
+    ModelManifest,
+    ModelPointer,
+    ModelSpec,
+    RoundPointer,
+    RoundTask,
+    TrainingConfig,
+    parse_document,
+)
+from fedbucket.storage import ObjectStore
+from fedbucket.tensors import read_header_file, save_tensors
+
+#: Default hard limit on an update's size: the model's own size plus header slack, times 1.
+UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
+
+
+def read_document(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT, int]:
+    """Read and parse one protocol document; returns it and its generation."""
+    raw, generation = store.get_bytes(name)
+    return parse_document(cls, raw, source=f"{store.url}/{name}"), generation
+
+
+def read_optional(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT | None, int]:
+    """Like :func:`read_document`, but ``(None, 0)`` when the object does not exist."""
+    try:
+        return read_document(store, name, cls)
+    except ObjectNotFound:
+        return None, 0
+
+
+def write_document(store: ObjectStore, name: str, doc: Document, *, if_generation_match: int | None = None) -> int:
+    """Write a document in its canonical bytes; returns the new generation."""
+    return store.put_bytes(name, doc.to_json_bytes(), if_generation_match=if_generation_match).generation
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_model_file(
+    store: ObjectStore,
+    path: str | os.PathLike[str],
+    *,
+    version: str,
+    model: ModelSpec,
+    base_version: str | None = None,
+    round_id: str | None = None,
+    lineage: Mapping[str, object] | None = None,
+    layout: BucketLayout = LAYOUT,
+) -> ModelManifest:
+    """Upload a safetensors model as ``models/<version>/`` (create-only; re-publishing the same
+    bytes is a no-op, different bytes under an existing version is an error)."""
+    header = read_header_file(path)
+    manifest = ModelManifest(
+        version=version,
+        sha256=sha256_file(path),
+        size_bytes=Path(path).stat().st_size,
+        tensors=header.schema(),
+        model=model,
+        base_version=base_version,
+        round_id=round_id,
+        lineage=dict(lineage or {}),
+    )
+    existing, _ = read_optional(store, layout.model_manifest(version), ModelManifest)
+    if existing is not None:
+        if existing.sha256 != manifest.sha256:
+            raise PreconditionFailed(f"model version {version!r} already exists with other bytes ({existing.sha256})")
+        return existing
+    if not store.exists(layout.model_payload(version)):
+        store.upload_file(layout.model_payload(version), path, if_generation_match=0)
+    write_document(store, layout.model_manifest(version), manifest, if_generation_match=0)
+    return manifest
+
+
+def publish_model(
+    store: ObjectStore,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    version: str,
+    model: ModelSpec,
+    layout: BucketLayout = LAYOUT,
+    **lineage: object,
+) -> ModelManifest:
+    """Serialise a numpy state dict and publish it (see :func:`publish_model_file`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_tensors(tensors, path)
+        return publish_model_file(store, path, version=version, model=model, layout=layout, lineage=lineage)
+
+
+def current_model(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> tuple[ModelPointer, int]:
+    """The promoted model's pointer and its generation; :class:`ObjectNotFound` before ``init``."""
+    return read_document(store, layout.current_model, ModelPointer)
+
+
+def set_current_model(
+    store: ObjectStore,
+    manifest: ModelManifest,
+    *,
+    expected_generation: int,
+    layout: BucketLayout = LAYOUT,
+) -> int:
+    """Move ``models/current.json`` to ``manifest``'s version by compare-and-swap.
+
+    ``expected_generation`` is the pointer generation the caller based its decision on (``0``:
+    no pointer yet). Raises :class:`PreconditionFailed` if anyone moved it meanwhile.
+    """
+    pointer = ModelPointer(version=manifest.version, sha256=manifest.sha256, round_id=manifest.round_id)
+    return write_document(store, layout.current_model, pointer, if_generation_match=expected_generation)
+
+
+def open_round(
+    store: ObjectStore,
+    *,
+    round_id: str,
+    opened_at: datetime,
+    deadline_seconds: float,
+    training: TrainingConfig,
+    min_clients: int = 1,
+    max_clients: int | None = None,
+    max_update_norm: float | None = None,
+    layout: BucketLayout = LAYOUT,
+) -> RoundTask:
+    """Write ``rounds/<round>/task.json`` based on the current model and point ``rounds/current.json``
+    at it. Idempotent: if the task exists it is returned unchanged (a re-run never re-opens a
+    round with another base); the pointer only ever moves to a round opened later.
+    """
+    task, _ = read_optional(store, layout.round_task(round_id), RoundTask)
+    if task is None:
+        pointer, _ = current_model(store, layout=layout)
+        base, _ = read_document(store, layout.model_manifest(pointer.version), ModelManifest)
+        task = RoundTask(
+            round_id=round_id,
+            base_model_version=base.version,
+            base_model_sha256=base.sha256,
+            model=base.model,
+            opened_at=opened_at,
+            deadline=opened_at + timedelta(seconds=deadline_seconds),
+            training=training,
+            tensors=base.tensors,
+            max_update_bytes=base.size_bytes + UPDATE_SIZE_SLACK_BYTES,
+            min_clients=min_clients,
+            max_clients=max_clients,
+            max_update_norm=max_update_norm,
+        )
+        try:
+            write_document(store, layout.round_task(round_id), task, if_generation_match=0)
+        except PreconditionFailed:
+            task, _ = read_document(store, layout.round_task(round_id), RoundTask)  # another writer won
+    _point_round_forward(store, task, layout=layout)
+    return task
+
+
+def _point_round_forward(store: ObjectStore, task: RoundTask, *, layout: BucketLayout) -> None:
+    """Point ``rounds/current.json`` at ``task`` unless it already does or points at a newer round.
+
+    This finishes an ``open_round`` that crashed between task and pointer, and keeps a re-run of
+    an old round from pulling clients back to it.
+    """
+    pointer, generation = read_optional(store, layout.current_round, RoundPointer)
+    if pointer is not None:
+        if pointer.round_id == task.round_id:
+            return
+        other, _ = read_optional(store, layout.round_task(pointer.round_id), RoundTask)
+        if other is not None and other.opened_at >= task.opened_at:
+            return
+    write_document(
+        store, layout.current_round, RoundPointer(round_id=task.round_id, status="open"), if_generation_match=generation
+    )
+
+
+def current_round(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> RoundTask:
+    """The task of the round currently open; :class:`RoundNotOpen` if there is none."""
+    pointer, _ = read_optional(store, layout.current_round, RoundPointer)
+    if pointer is None or pointer.status != "open":
+        raise RoundNotOpen("no round is open in this federation right now")
+    task, _ = read_document(store, layout.round_task(pointer.round_id), RoundTask)
+    return task
+
+
+def close_round(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> None:
+    """Mark ``round_id`` closed in ``rounds/current.json`` if it is still the current round."""
+    pointer, generation = read_optional(store, layout.current_round, RoundPointer)
+    if pointer is None or pointer.round_id != round_id or pointer.status == "closed":
+        return
+    write_document(
+        store, layout.current_round, RoundPointer(round_id=round_id, status="closed"), if_generation_match=generation
+    )

@@ -1,0 +1,117 @@
+"""Where every object of a federation lives in its bucket. The only place that spells a path.
+
+Object names are relative to the federation root (``gs://bucket/prefix`` or ``file:///dir``)::
+
+    federation.json                                   server: the federation's settings
+    models/current.json                               everyone reads: pointer to the promoted model
+    models/<version>/model.safetensors               everyone reads: a promoted global model
+    models/<version>/manifest.json                    everyone reads: its manifest (sha256, schema)
+    rounds/current.json                               everyone reads: pointer to the open round
+    rounds/<round>/task.json                          everyone reads: what clients are asked to do
+    rounds/<round>/candidate/model.safetensors        server: the aggregated candidate
+    rounds/<round>/candidate/manifest.json            server: candidate manifest with lineage
+    rounds/<round>/aggregation.json                   server: accepted/rejected updates, timings
+    rounds/<round>/evaluation.json                    server: candidate vs current metrics
+    rounds/<round>/report.json                        server: the round's outcome
+    updates/<client>/<round>/<sha256>.safetensors     one client: the update payload
+    updates/<client>/<round>/manifest.json            one client: the commit marker
+    eval/holdout.safetensors                          server: held-out evaluation split
+    state/<round>/strategy.safetensors                server: server-optimiser state after a round
+
+The client id comes before the round id in update paths so that one IAM condition
+(``resource.name.startsWith(".../objects/updates/<client>/")``) confines a client's writes,
+and a client never needs to list the bucket: every name it reads is derived from a pointer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedbucket.errors import InvalidIdentifier
+
+#: Client ids, round ids and model versions: lowercase-safe names usable in object paths.
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_identifier(value: str, what: str) -> str:
+    """Return ``value`` if it is a safe path component, else raise :class:`InvalidIdentifier`.
+
+    Safe means 1-63 characters of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit, and
+    no ``..`` (so an id can never climb out of its prefix).
+    """
+    if not isinstance(value, str) or not IDENTIFIER_PATTERN.fullmatch(value) or ".." in value:
+        raise InvalidIdentifier(
+            f"{what} {value!r} is not a valid identifier: use 1-63 characters from "
+            "A-Z a-z 0-9 _ . - starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """Object names of one federation, relative to its root URL."""
+
+    federation_config: str = "federation.json"
+    current_model: str = "models/current.json"
+    current_round: str = "rounds/current.json"
+    holdout: str = "eval/holdout.safetensors"
+
+    def model_payload(self, version: str) -> str:
+        return f"models/{check_identifier(version, 'model version')}/model.safetensors"
+
+    def model_manifest(self, version: str) -> str:
+        return f"models/{check_identifier(version, 'model version')}/manifest.json"
+
+    def round_prefix(self, round_id: str) -> str:
+        return f"rounds/{check_identifier(round_id, 'round id')}/"
+
+    def round_task(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "task.json"
+
+    def candidate_payload(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "candidate/model.safetensors"
+
+    def candidate_manifest(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "candidate/manifest.json"
+
+    def aggregation_report(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "aggregation.json"
+
+    def evaluation_report(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "evaluation.json"
+
+    def round_report(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "report.json"
+
+    def strategy_state(self, round_id: str) -> str:
+        return f"state/{check_identifier(round_id, 'round id')}/strategy.safetensors"
+
+    def client_prefix(self, client_id: str) -> str:
+        return f"updates/{check_identifier(client_id, 'client id')}/"
+
+    def update_prefix(self, client_id: str, round_id: str) -> str:
+        return self.client_prefix(client_id) + f"{check_identifier(round_id, 'round id')}/"
+
+    def update_manifest(self, client_id: str, round_id: str) -> str:
+        return self.update_prefix(client_id, round_id) + "manifest.json"
+
+    def update_payload(self, client_id: str, round_id: str, sha256: str) -> str:
+        if not _SHA256_PATTERN.fullmatch(sha256):
+            raise InvalidIdentifier(f"payload sha256 {sha256!r} is not 64 lowercase hex digits")
+        return self.update_prefix(client_id, round_id) + f"{sha256}.safetensors"
+
+    def parse_update_manifest(self, name: str) -> tuple[str, str]:
+        """Return ``(client_id, round_id)`` of an update manifest's object name.
+
+        Raises :class:`InvalidIdentifier` for anything that is not exactly
+        ``updates/<client>/<round>/manifest.json`` with safe ids.
+        """
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "updates" or parts[3] != "manifest.json":
+            raise InvalidIdentifier(f"{name!r} is not an update manifest path")
+        return check_identifier(parts[1], "client id"), check_identifier(parts[2], "round id")
+
+
+LAYOUT = BucketLayout()

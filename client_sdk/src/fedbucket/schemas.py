@@ -1,0 +1,256 @@
+"""The JSON documents of the bucket protocol, one pydantic model each.
+
+Every document carries ``kind`` (which model it is) and ``schema_version`` (which version of it).
+Readers call :func:`parse_document`, which refuses a version it does not know with
+:class:`~fedbucket.errors.UnsupportedSchemaVersion` before looking at anything else, so an old
+server never half-understands a newer client (or the reverse). Unknown fields are errors too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedbucket.errors import SchemaError, UnsupportedSchemaVersion
+from fedbucket.layout import IDENTIFIER_PATTERN
+
+#: The protocol version this package writes and the versions it reads.
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+#: Largest JSON document a reader accepts (bytes); manifests are a few KiB.
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+
+Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern, max_length=63)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: safetensors dtype names fedbucket accepts. Floats are parameters; integers are buffers
+#: (e.g. BatchNorm's ``num_batches_tracked``), aggregated by the rule in docs/protocol.md.
+DType = Literal["F16", "F32", "F64", "I32", "I64"]
+FLOAT_DTYPES = frozenset({"F16", "F32", "F64"})
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must carry a timezone (use UTC, e.g. 2026-11-25T12:00:00Z)")
+    return value.astimezone(UTC)
+
+
+class TensorSpec(BaseModel):
+    """The dtype and shape one tensor must have."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: DType
+    shape: list[Annotated[int, Field(ge=0)]]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+TensorSchema = dict[str, TensorSpec]
+
+
+class Document(BaseModel):
+    """Base of every protocol document."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str]
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(f"unsupported schema_version {value}")
+        return value
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical bytes: sorted keys, two-space indent, trailing newline. Same model, same bytes."""
+        payload = {"kind": self.kind, **self.model_dump(mode="json")}
+        return (json.dumps(payload, sort_keys=True, indent=2) + "\n").encode()
+
+
+DocumentT = TypeVar("DocumentT", bound=Document)
+
+
+def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "document") -> DocumentT:
+    """Parse and validate one JSON document of type ``cls``.
+
+    Raises :class:`UnsupportedSchemaVersion` when ``schema_version`` is not one this package
+    reads, and :class:`SchemaError` for anything else that is wrong, naming ``source``.
+    """
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise SchemaError(f"{source}: {len(raw)} bytes is larger than {MAX_DOCUMENT_BYTES} allowed")
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SchemaError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise UnsupportedSchemaVersion(
+            f"{source}: schema_version {version!r} is not supported by fedbucket "
+            f"(this version reads {sorted(SUPPORTED_SCHEMA_VERSIONS)}); upgrade the fedbucket package "
+            "or ask the federation operator which protocol version the bucket uses"
+        )
+    kind = data.pop("kind", None)
+    if kind != cls.kind:
+        raise SchemaError(f"{source}: expected a {cls.kind!r} document, got kind {kind!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SchemaError(f"{source}: {problems}") from None
+
+
+class ModelSpec(BaseModel):
+    """Which architecture a federation trains: a zoo name or ``module:callable``, plus kwargs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+
+class ModelManifest(Document):
+    """``models/<version>/manifest.json`` and ``rounds/<round>/candidate/manifest.json``."""
+
+    kind: ClassVar[str] = "model-manifest"
+    version: Identifier
+    sha256: Sha256
+    size_bytes: int = Field(ge=0)
+    tensors: TensorSchema
+    model: ModelSpec
+    base_version: Identifier | None = None
+    round_id: Identifier | None = None
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelPointer(Document):
+    """``models/current.json``: the promoted global model."""
+
+    kind: ClassVar[str] = "model-pointer"
+    version: Identifier
+    sha256: Sha256
+    round_id: Identifier | None = None
+
+
+class TrainingConfig(BaseModel):
+    """Local training hyper-parameters a round asks clients to use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    learning_rate: float = Field(default=0.05, gt=0, le=10)
+    proximal_mu: float = Field(default=0.0, ge=0, le=100)
+
+
+class RoundTask(Document):
+    """``rounds/<round>/task.json``: what a round asks of its clients."""
+
+    kind: ClassVar[str] = "round-task"
+    round_id: Identifier
+    base_model_version: Identifier
+    base_model_sha256: Sha256
+    model: ModelSpec
+    opened_at: datetime
+    deadline: datetime
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    tensors: TensorSchema
+    max_update_bytes: int = Field(gt=0)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    min_clients: int = Field(default=1, ge=1)
+    max_clients: int | None = Field(default=None, ge=1)
+
+    _tz_opened = field_validator("opened_at", "deadline")(_utc)
+
+
+class RoundPointer(Document):
+    """``rounds/current.json``: the round clients should work on, if any."""
+
+    kind: ClassVar[str] = "round-pointer"
+    round_id: Identifier
+    status: Literal["open", "closed"]
+
+
+class UpdateManifest(Document):
+    """``updates/<client>/<round>/manifest.json``: the commit marker of one client's update."""
+
+    kind: ClassVar[str] = "update-manifest"
+    client_id: Identifier
+    round_id: Identifier
+    base_model_version: Identifier
+    num_examples: int = Field(gt=0, le=10**12)
+    metrics: dict[Annotated[str, Field(max_length=64)], float] = Field(default_factory=dict, max_length=64)
+    sha256: Sha256
+    size_bytes: int = Field(gt=0)
+    created_at: datetime
+
+    _tz_created = field_validator("created_at")(_utc)
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"metrics must be finite numbers; not finite: {bad}")
+        return value
+
+
+class UpdateVerdict(BaseModel):
+    """What the server decided about one client's update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str
+    accepted: bool
+    code: str = "accepted"
+    reason: str = ""
+    num_examples: int = 0
+    weight: float = 0.0
+    committed_at: datetime | None = None
+
+
+class RoundReport(Document):
+    """``rounds/<round>/report.json``: how a round ended."""
+
+    kind: ClassVar[str] = "round-report"
+    round_id: Identifier
+    status: Literal["promoted", "rejected", "abandoned", "failed"]
+    base_model_version: Identifier
+    candidate_sha256: Sha256 | None = None
+    promoted_version: Identifier | None = None
+    message: str = ""
+    updates: list[UpdateVerdict] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+ALL_DOCUMENTS: tuple[type[Document], ...] = (
+    ModelManifest,
+    ModelPointer,
+    RoundTask,
+    RoundPointer,
+    UpdateManifest,
+    RoundReport,
+)
+
+
+def document_class(kind: str) -> type[Document]:
+    """The document model registered for ``kind``."""
+    for cls in ALL_DOCUMENTS:
+        if cls.kind == kind:
+            return cls
+    raise SchemaError(f"unknown document kind {kind!r}; known: {[c.kind for c in ALL_DOCUMENTS]}")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

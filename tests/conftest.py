@@ -1,0 +1,74 @@
+"""Shared fixtures: both object stores (file:// and gs:// over a real fake-gcs-server)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from fedbucket import ModelSpec, ObjectStore, TrainingConfig, open_store
+from fedbucket.federation import open_round, publish_model, set_current_model
+from fedbucket.schemas import RoundTask, utcnow
+from fedbucket.testing import FakeGCSServer
+
+TEST_BUCKET = "fedbucket-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGCSServer]:
+    """One fake-gcs-server for the session; STORAGE_EMULATOR_HOST points at it."""
+    log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
+    with FakeGCSServer(buckets=[TEST_BUCKET], log_path=str(log)) as server:
+        previous = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = server.endpoint
+        yield server
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture(params=["file", "gcs"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh, empty federation root in each kind of store."""
+    if request.param == "file":
+        return (tmp_path / "bucket").as_uri()
+    request.getfixturevalue("gcs_server")
+    return f"gs://{TEST_BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def store(store_url: str) -> ObjectStore:
+    return open_store(store_url)
+
+
+def tiny_model(seed: int = 0) -> dict[str, np.ndarray]:
+    """A small state dict with odd shapes, a scalar and an integer buffer."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layer.weight": rng.standard_normal((7, 5)).astype(np.float32),
+        "layer.bias": rng.standard_normal(7).astype(np.float32),
+        "norm.scale": np.float32(rng.standard_normal()).reshape(()),
+        "norm.num_batches_tracked": np.array(3, dtype=np.int64),
+    }
+
+
+TINY_SPEC = ModelSpec(name="tests.tiny")
+
+
+@pytest.fixture
+def open_task(store: ObjectStore) -> RoundTask:
+    """A federation with ``tiny_model()`` as version ``init`` and round ``r1`` open for an hour."""
+    manifest = publish_model(store, tiny_model(), version="init", model=TINY_SPEC)
+    set_current_model(store, manifest, expected_generation=0)
+    return open_round(
+        store,
+        round_id="r1",
+        opened_at=utcnow() - timedelta(seconds=1),
+        deadline_seconds=3600,
+        training=TrainingConfig(),
+    )

@@ -1,0 +1,138 @@
+"""One conformance suite for every ObjectStore: file:// and gs:// (fake-gcs-server over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import tracemalloc
+
+import pytest
+
+from fedbucket import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, open_store
+from fedbucket.storage import FileStore, GCSStore
+
+
+def test_open_store_by_url(tmp_path, gcs_server):
+    assert isinstance(open_store(tmp_path.as_uri()), FileStore)
+    assert isinstance(open_store(str(tmp_path / "plain")), FileStore)
+    assert isinstance(open_store("gs://fedbucket-test/x"), GCSStore)
+    with pytest.raises(StorageError, match="unsupported storage scheme"):
+        open_store("s3://bucket/x")
+
+
+def test_put_get_stat_exists_delete(store: ObjectStore):
+    assert not store.exists("a/b.json")
+    info = store.put_bytes("a/b.json", b'{"x": 1}')
+    assert info.size == 8 and info.generation > 0
+    data, generation = store.get_bytes("a/b.json")
+    assert data == b'{"x": 1}' and generation == info.generation
+    assert store.stat("a/b.json").generation == info.generation
+    assert store.read_range("a/b.json", 1, 5) == b'"x":'
+    assert store.exists("a/b.json")
+    store.delete("a/b.json")
+    assert not store.exists("a/b.json")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("a/b.json")
+    with pytest.raises(ObjectNotFound):
+        store.delete("a/b.json")
+
+
+def test_list_is_sorted_and_prefix_filtered(store: ObjectStore):
+    for name in ["updates/c2/r1/manifest.json", "updates/c1/r1/manifest.json", "models/current.json", "updates-x"]:
+        store.put_bytes(name, b"{}")
+    assert [i.name for i in store.list("updates/")] == ["updates/c1/r1/manifest.json", "updates/c2/r1/manifest.json"]
+    assert len(list(store.list())) == 4
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", ".hidden", "a/./b"])
+def test_invalid_names_are_refused(store: ObjectStore, name: str):
+    with pytest.raises(StorageError):
+        store.put_bytes(name, b"x")
+
+
+def test_compare_and_swap(store: ObjectStore):
+    first = store.put_bytes("pointer.json", b"v1", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("pointer.json", b"other", if_generation_match=0)  # create-only
+    second = store.put_bytes("pointer.json", b"v2", if_generation_match=first.generation)
+    assert second.generation != first.generation
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("pointer.json", b"v3", if_generation_match=first.generation)  # stale
+    assert store.get_bytes("pointer.json")[0] == b"v2"
+
+
+def test_copy(store: ObjectStore):
+    store.put_bytes("src.bin", b"payload")
+    store.copy("src.bin", "dst/copied.bin")
+    assert store.get_bytes("dst/copied.bin")[0] == b"payload"
+    with pytest.raises(ObjectNotFound):
+        store.copy("missing.bin", "dst/other.bin")
+
+
+def test_concurrent_writers_exactly_one_wins(store: ObjectStore):
+    """Eight writers read the same generation and race to swap the pointer: one may win."""
+    base = store.put_bytes("rounds/current.json", b"start")
+    for attempt in range(3):
+        start = store.stat("rounds/current.json").generation
+        barrier = threading.Barrier(8)
+        outcomes: list[str] = []
+
+        def writer(i: int, start=start, barrier=barrier, outcomes=outcomes, attempt=attempt) -> None:
+            barrier.wait()
+            try:
+                store.put_bytes("rounds/current.json", f"{attempt}-{i}".encode(), if_generation_match=start)
+                outcomes.append(f"{attempt}-{i}")
+            except PreconditionFailed:
+                outcomes.append("lost")
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [o for o in outcomes if o != "lost"]
+        assert len(outcomes) == 8 and len(winners) == 1, outcomes
+        assert store.get_bytes("rounds/current.json")[0] == winners[0].encode()
+    assert store.stat("rounds/current.json").generation != base.generation
+
+
+def test_large_object_streams_in_bounded_memory(store: ObjectStore, tmp_path):
+    """A 320 MB object goes up and down without either side holding it in memory."""
+    size = 320 * 1024 * 1024
+    src = tmp_path / "big.bin"
+    block = hashlib.sha256(b"seed").digest() * (1024 * 1024 // 32)  # 1 MiB, not all zeros
+    digest = hashlib.sha256()
+    with open(src, "wb") as f:
+        for i in range(size // len(block)):
+            piece = i.to_bytes(8, "little") + block[8:]
+            f.write(piece)
+            digest.update(piece)
+    tracemalloc.start()
+    try:
+        transferred: list[int] = []
+        store.upload_file("models/big/model.safetensors", src, if_generation_match=0, progress=transferred.append)
+        dst = tmp_path / "back.bin"
+        store.download_file("models/big/model.safetensors", dst)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(transferred) == size
+    assert store.stat("models/big/model.safetensors").size == size
+    back = hashlib.sha256()
+    with open(dst, "rb") as f:
+        while chunk := f.read(1 << 24):
+            back.update(chunk)
+    assert back.hexdigest() == digest.hexdigest()
+    assert peak < 160 * 1024 * 1024, f"peak traced memory {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB object"
+    # range reads see the same bytes
+    with open(src, "rb") as f:
+        f.seek(size - 1000)
+        assert store.read_range("models/big/model.safetensors", size - 1000, size) == f.read()
+
+
+def test_file_store_hides_temporary_files(tmp_path):
+    store = FileStore(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / ".model.safetensors.tmp-123").write_bytes(b"partial")
+    store.put_bytes("models/ok.json", b"{}")
+    assert [i.name for i in store.list()] == ["models/ok.json"]
