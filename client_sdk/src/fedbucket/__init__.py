@@ -6,6 +6,7 @@ validation of untrusted updates (:mod:`fedbucket.validation`) and storage (:mod:
 The Airflow DAG, its plugins and the Spark jobs import it; so do clients.
 """
 
+from fedbucket.client import Client, apply_delta, compute_delta
 from fedbucket.errors import (
     ChecksumMismatch,
     FedbucketError,
@@ -52,6 +53,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BucketLayout",
     "ChecksumMismatch",
+    "Client",
     "FedbucketError",
     "FileStore",
     "GCSStore",
@@ -84,8 +86,10 @@ __all__ = [
     "UpdateTooLarge",
     "UpdateVerdict",
     "ValidatedUpdate",
+    "apply_delta",
     "check_identifier",
     "check_payload",
+    "compute_delta",
     "load_tensors",
     "open_store",
     "parse_document",

@@ -1,17 +1,50 @@
-"""What a client writes: an update payload, then its manifest (the commit marker)."""
+"""The client SDK: take part in federated rounds through the bucket.
+
+A client fetches the round's base model, trains on its own data and submits the update::
+
+    from fedbucket import Client
+
+    with Client("gs://acme-federation/prod", "hospital-a") as client:
+        task = client.wait_for_round(timeout=3600)
+        model.load_state_dict(client.fetch_model(task))          # 1. start from the global model
+        train(model, my_data, task.training)                      # 2. your own training loop
+        client.submit(task, model.state_dict(), num_examples=len(my_data))   # 3. send the delta
+
+Only the delta (trained minus base) leaves the client, as safetensors, after the very validator the
+server runs has accepted it locally.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from fedbucket.errors import PreconditionFailed, RoundNotOpen
+import numpy as np
+
+from fedbucket.errors import (
+    ChecksumMismatch,
+    PreconditionFailed,
+    RoundNotOpen,
+    SchemaMismatch,
+    StaleUpdate,
+    StorageError,
+)
+from fedbucket.federation import read_document, read_optional, sha256_file
 from fedbucket.layout import LAYOUT, BucketLayout, check_identifier
-from fedbucket.schemas import RoundTask, UpdateManifest, utcnow
-from fedbucket.storage import ObjectStore, ProgressCallback
+from fedbucket.schemas import ModelManifest, RoundPointer, RoundTask, UpdateManifest, utcnow
+from fedbucket.storage import ObjectStore, ProgressCallback, open_store
+from fedbucket.tensors import NUMPY_DTYPES, load_tensors, save_tensors
 from fedbucket.validation import check_payload
+
+StateDict = Mapping[str, Any]
+"""A state dict: names to numpy arrays or torch tensors."""
 
 
 def upload_update(
@@ -32,11 +65,15 @@ def upload_update(
     manifest after it; a reader that sees the manifest therefore always finds its payload, and
     a resubmission within the round atomically replaces the earlier one by overwriting the
     manifest. Raises :class:`~fedbucket.errors.UpdateRejected` subclasses for invalid payloads
-    and :class:`RoundNotOpen` past the deadline.
+    and :class:`RoundNotOpen` past the deadline (unless ``check_deadline=False``, which only the
+    straggler simulation uses: the server judges lateness on its own clock anyway).
     """
     check_identifier(client_id, "client id")
     if check_deadline and utcnow() > task.deadline:
-        raise RoundNotOpen(f"round {task.round_id} closed for updates at {task.deadline.isoformat()}")
+        raise RoundNotOpen(
+            f"round {task.round_id} stopped taking updates at {task.deadline.isoformat()}; "
+            "wait for the next round (fedbucket status)"
+        )
     size = Path(payload_path).stat().st_size
     with open(payload_path, "rb") as fp:
         summary = check_payload(
@@ -58,3 +95,221 @@ def upload_update(
     )
     store.put_bytes(layout.update_manifest(client_id, task.round_id), manifest.to_json_bytes())
     return manifest
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy view of a numpy array, a torch tensor or a Python scalar."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def compute_delta(trained: StateDict, base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``trained - base`` per tensor, in the base's dtype.
+
+    Float differences are taken in the tensor's own dtype, so ``base + delta`` gives back
+    ``trained`` bit for bit whenever that difference is exactly representable — which holds for
+    the small steps of local training (tests/test_client.py checks it on real training).
+    """
+    missing, extra = sorted(set(base) - set(trained)), sorted(set(trained) - set(base))
+    if missing or extra:
+        raise SchemaMismatch(f"trained state dict differs from the base model: missing {missing}, unexpected {extra}")
+    delta = {}
+    for name, base_value in base.items():
+        value = to_numpy(trained[name])
+        if value.shape != base_value.shape:
+            raise SchemaMismatch(f"{name}: trained shape {list(value.shape)} != base shape {list(base_value.shape)}")
+        delta[name] = np.subtract(value.astype(base_value.dtype, copy=False), base_value, dtype=base_value.dtype)
+    return delta
+
+
+def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``base + delta`` per tensor, in the base's dtype (the inverse of :func:`compute_delta`)."""
+    return {name: np.add(value, delta[name], dtype=value.dtype) for name, value in base.items()}
+
+
+class Client:
+    """One organisation's handle on a federation.
+
+    Args:
+        bucket_url: the federation root, ``gs://bucket/prefix`` or ``file:///dir``.
+        client_id: this organisation's id, as registered with the federation operator (it names
+            the only prefix the client may write: ``updates/<client_id>/``).
+        credentials: for ``gs://`` only — a path to a service-account key file, or a
+            ``google.auth`` credentials object; ``None`` uses Application Default Credentials.
+        cache_dir: where fetched models are cached by version (default
+            ``~/.cache/fedbucket``); a version is never downloaded twice.
+        store: an already opened :class:`~fedbucket.storage.ObjectStore` (a seam for tests).
+
+    Use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        bucket_url: str,
+        client_id: str,
+        *,
+        credentials: str | os.PathLike[str] | object | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        store: ObjectStore | None = None,
+        layout: BucketLayout = LAYOUT,
+    ) -> None:
+        self.client_id = check_identifier(client_id, "client id")
+        self.layout = layout
+        if isinstance(credentials, str | os.PathLike):
+            from google.oauth2 import service_account
+
+            try:
+                credentials = service_account.Credentials.from_service_account_file(os.fspath(credentials))
+            except (OSError, ValueError) as exc:
+                raise StorageError(f"cannot use credentials file {os.fspath(credentials)!r}: {exc}") from None
+        self.store = store or open_store(bucket_url, credentials=credentials)
+        root = Path(cache_dir or os.environ.get("FEDBUCKET_CACHE", Path.home() / ".cache" / "fedbucket"))
+        self.cache_dir = root / hashlib.sha256(self.store.url.encode()).hexdigest()[:16]
+
+    # -- what to do ---------------------------------------------------------------------------
+
+    def current_round(self) -> RoundTask | None:
+        """The open round's task, or ``None`` when no round is open."""
+        pointer, _ = read_optional(self.store, self.layout.current_round, RoundPointer)
+        if pointer is None or pointer.status != "open":
+            return None
+        task, _ = read_document(self.store, self.layout.round_task(pointer.round_id), RoundTask)
+        return task
+
+    def wait_for_round(
+        self, *, timeout: float = 3600.0, poll_interval: float = 5.0, after: str | None = None
+    ) -> RoundTask:
+        """Block until a round is open (and, with ``after``, is not that round id); return its task.
+
+        Raises :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.current_round()
+            if task is not None and task.round_id != after and utcnow() < task.deadline:
+                return task
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no new round opened within {timeout:.0f}s")
+            time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+
+    def submitted(self, round_id: str) -> UpdateManifest | None:
+        """This client's committed update for ``round_id``, if any."""
+        manifest, _ = read_optional(self.store, self.layout.update_manifest(self.client_id, round_id), UpdateManifest)
+        return manifest
+
+    # -- the global model -----------------------------------------------------------------------
+
+    def fetch_model_file(self, version: str, *, progress: ProgressCallback | None = None) -> Path:
+        """Path of model ``version`` in the local cache, downloaded and sha256-verified if needed."""
+        manifest, _ = read_document(self.store, self.layout.model_manifest(version), ModelManifest)
+        path = self.cache_dir / "models" / f"{version}-{manifest.sha256}.safetensors"
+        if path.exists():
+            return path  # written only after its sha256 matched the manifest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            part = Path(tmp) / "model.safetensors"
+            self.store.download_file(self.layout.model_payload(version), part, progress=progress)
+            digest = sha256_file(part)
+            if digest != manifest.sha256:
+                raise ChecksumMismatch(
+                    f"model {version} downloaded with sha256 {digest}, its manifest says {manifest.sha256}; "
+                    "the bucket may be corrupted or tampered with — tell the federation operator"
+                )
+            part.replace(path)
+        return path
+
+    def fetch_model(self, task: RoundTask, *, as_numpy: bool = False) -> dict[str, Any]:
+        """The round's base model as a state dict (torch tensors if torch is installed)."""
+        path = self.fetch_model_file(task.base_model_version)
+        if task.base_model_sha256 not in path.name:
+            raise ChecksumMismatch(f"round {task.round_id} names base sha256 {task.base_model_sha256}, not {path.name}")
+        arrays = load_tensors(path)
+        if as_numpy:
+            return arrays
+        try:
+            import torch
+        except ImportError:
+            return arrays
+        return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+
+    # -- submitting ----------------------------------------------------------------------------
+
+    def check_round_open(self, task: RoundTask) -> None:
+        """Raise :class:`RoundNotOpen` or :class:`StaleUpdate` unless ``task`` still takes updates."""
+        pointer, _ = read_optional(self.store, self.layout.current_round, RoundPointer)
+        if pointer is None or pointer.round_id != task.round_id:
+            now = pointer.round_id if pointer else "none"
+            raise StaleUpdate(f"round {task.round_id} is over (current round: {now}); fetch the new task and retrain")
+        if pointer.status != "open":
+            raise RoundNotOpen(f"round {task.round_id} is closed; wait for the next round")
+        if utcnow() > task.deadline:
+            raise RoundNotOpen(f"round {task.round_id} stopped taking updates at {task.deadline.isoformat()}")
+
+    def submit(
+        self,
+        task: RoundTask,
+        trained: StateDict,
+        *,
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> UpdateManifest:
+        """Send ``trained - base`` as this client's update for ``task``.
+
+        Resubmitting within a round replaces the earlier update (the last manifest written wins).
+        Raises :class:`RoundNotOpen` (closed or past the deadline), :class:`StaleUpdate` (a newer
+        round is open), :class:`SchemaMismatch` and the other validation errors before uploading.
+        """
+        self.check_round_open(task)
+        base = self.fetch_model(task, as_numpy=True)
+        for name, spec in task.tensors.items():
+            if name in base and base[name].dtype != NUMPY_DTYPES[spec.dtype]:
+                raise SchemaMismatch(f"{name}: base model dtype differs from the round's schema")
+        delta = compute_delta(trained, base)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "update.safetensors"
+            save_tensors(delta, path)
+            return self.submit_file(task, path, num_examples=num_examples, metrics=metrics, progress=progress)
+
+    def submit_file(
+        self,
+        task: RoundTask,
+        delta_path: str | os.PathLike[str],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> UpdateManifest:
+        """Send an already computed delta (a safetensors file) as this client's update."""
+        self.check_round_open(task)
+        return upload_update(
+            self.store,
+            task,
+            self.client_id,
+            delta_path,
+            num_examples=num_examples,
+            metrics=metrics,
+            layout=self.layout,
+            progress=progress,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the storage client's connections."""
+        close = getattr(getattr(self.store, "_client", None), "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+__all__ = ["Client", "apply_delta", "compute_delta", "to_numpy", "upload_update"]

@@ -317,7 +317,15 @@ class GCSStore(ObjectStore):
 
             credentials = AnonymousCredentials()
             project = project or os.environ.get("GOOGLE_CLOUD_PROJECT", "fedbucket-local")
-        self._client = storage.Client(project=project, credentials=credentials)
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            self._client = storage.Client(project=project, credentials=credentials)
+        except DefaultCredentialsError as exc:
+            raise StorageError(
+                f"no Google credentials for {url}: pass a service-account key file (--credentials) or run "
+                f"`gcloud auth application-default login` ({exc})"
+            ) from None
         self._bucket = self._client.bucket(parsed.netloc)
 
     def _blob(self, name: str, generation: int | None = None):  # noqa: ANN202 - google type
