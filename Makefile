@@ -47,6 +47,9 @@ test: lint  ## lint, then the whole test suite (pytest's "no tests ran" counts a
 demo: setup  ## run the part of the pipeline that exists, for real, and say what it did
 	$(PY) examples/protocol_tour.py
 
+bench: setup  ## measure speed and memory; writes docs/benchmarks.md and docs/benchmarks/*.json
+	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
+
 lock: setup  ## regenerate constraints.txt from the current environment
 	$(BIN)/pip freeze --exclude-editable | grep -v '^fedbucket' > constraints.txt
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +207,22 @@ def test_cli_help_has_examples_and_exit_codes(capsys):
         assert info.value.code == 0
         text = capsys.readouterr().out
         assert "example" in text and "exit codes" in text
+
+
+def test_bring_your_own_model_example_runs(store, tmp_path):
+    spec = ModelSpec(name="mlp", kwargs={"hidden": 64})
+    manifest = publish_model(store, state_dict_to_numpy(build_model(spec, seed=0)), version="init", model=spec)
+    set_current_model(store, manifest, expected_generation=0)
+    task = open_round(store, round_id="r1", opened_at=utcnow(), deadline_seconds=600, training=TrainingConfig())
+    example = Path(__file__).resolve().parents[1] / "examples" / "bring_your_own_model.py"
+    env = {**os.environ, "FEDBUCKET_CACHE": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, str(example), "--bucket", store.url, "--client-id", "byo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "submitted" in run.stdout
+    assert validate_update(store, task, LAYOUT.update_manifest("byo", "r1")).manifest.num_examples == 1797

@@ -290,6 +290,28 @@ class FileStore(ObjectStore):
 # gs://
 
 
+class _ProgressReader:
+    """A file wrapper that reports every read to a progress callback (seeks rewind the count)."""
+
+    def __init__(self, raw: BinaryIO, progress: ProgressCallback) -> None:
+        self._raw, self._progress = raw, progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self._progress(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        before = self._raw.tell()
+        after = self._raw.seek(offset, whence)
+        if after < before:
+            self._progress(after - before)
+        return after
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
 class GCSStore(ObjectStore):
     """Objects in a Google Cloud Storage bucket, under an optional prefix.
 
@@ -413,16 +435,16 @@ class GCSStore(ObjectStore):
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         blob = self._blob(name)
-        blob.chunk_size = STREAM_CHUNK_BYTES
+        size = Path(path).stat().st_size
+        # No chunk_size: the library's resumable upload with its default chunk (100 MiB), which
+        # bounds memory per chunk and was the fastest setting measured against the emulator.
         with self._translate(name), open(path, "rb") as src:
-            kwargs: dict[str, object] = {"retry": DEFAULT_RETRY}
-            if if_generation_match is not None:
-                kwargs["if_generation_match"] = if_generation_match
-            with blob.open("wb", chunk_size=STREAM_CHUNK_BYTES, ignore_flush=True, **kwargs) as dst:
-                while chunk := src.read(STREAM_CHUNK_BYTES):
-                    dst.write(chunk)
-                    if progress:
-                        progress(len(chunk))
+            blob.upload_from_file(
+                _ProgressReader(src, progress) if progress else src,
+                size=size,
+                if_generation_match=if_generation_match,
+                retry=DEFAULT_RETRY,
+            )
         return self.stat(name)
 
     def copy(self, src: str, dst: str) -> ObjectInfo:

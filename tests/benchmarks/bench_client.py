@@ -1,0 +1,126 @@
+"""Client SDK figures: SDK overhead on a 268 MB state dict, and one simulated round of digits.
+
+1. Against fake-gcs-server: a raw google-cloud-storage upload + download of a DistilBERT-sized
+   safetensors file, versus the SDK's ``fetch_model`` (download + sha256 check + load) plus
+   ``submit`` (delta + local validation + upload + manifest) of the same state dict.
+2. Ten simulated clients (separate processes, real PyTorch training, Dirichlet(0.5)) in one round:
+   wall time from opening the round to the tenth committed update, process start included.
+
+Run: ``make bench`` (or ``python -m tests.benchmarks.bench_client``). Writes docs/benchmarks/client.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedbucket import Client, ModelSpec, TrainingConfig, open_store
+from fedbucket.federation import open_round, publish_model, publish_model_file, set_current_model
+from fedbucket.pytorch import state_dict_to_numpy
+from fedbucket.schemas import utcnow
+from fedbucket.simulation import SimulationConfig, simulate
+from fedbucket.tensors import save_tensors
+from fedbucket.testing import FakeGCSServer
+from fedbucket.validation import list_update_manifests
+from fedbucket.zoo import build_model
+from tests.benchmarks.distilbert import NUM_PARAMETERS, random_state
+
+OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "client.json"
+REPEATS = 3
+
+
+def sdk_overhead(tmp: Path) -> dict[str, object]:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    base = random_state(0)
+    trained = {k: v + 0.001 for k, v in base.items()}
+    model_file = tmp / "base.safetensors"
+    save_tensors(base, model_file)
+    size = model_file.stat().st_size
+    raw_times, sdk_fetch, sdk_submit = [], [], []
+    with FakeGCSServer(buckets=["bench"]) as gcs:
+        os.environ["STORAGE_EMULATOR_HOST"] = gcs.endpoint
+        raw_bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).bucket("bench")
+        for i in range(REPEATS):
+            t0 = time.perf_counter()
+            blob = raw_bucket.blob(f"raw/{i}.safetensors")
+            blob.upload_from_filename(str(model_file))
+            blob.download_to_filename(str(tmp / "raw-back.safetensors"))
+            raw_times.append(time.perf_counter() - t0)
+
+            store = open_store(f"gs://bench/sdk-{i}")
+            manifest = publish_model_file(store, model_file, version="init", model=ModelSpec(name="distilbert"))
+            set_current_model(store, manifest, expected_generation=0)
+            task = open_round(
+                store, round_id="r1", opened_at=utcnow(), deadline_seconds=3600, training=TrainingConfig()
+            )
+            with Client(store.url, "bench-client", cache_dir=tmp / f"cache-{i}") as client:
+                t0 = time.perf_counter()
+                client.fetch_model(task, as_numpy=True)
+                t1 = time.perf_counter()
+                client.submit(task, trained, num_examples=1)
+                t2 = time.perf_counter()
+            sdk_fetch.append(t1 - t0)
+            sdk_submit.append(t2 - t1)
+            print(
+                f"  repeat {i}: raw {raw_times[-1]:.2f}s, sdk fetch {sdk_fetch[-1]:.2f}s + submit {sdk_submit[-1]:.2f}s"
+            )
+    raw = statistics.median(raw_times)
+    sdk = statistics.median(f + s for f, s in zip(sdk_fetch, sdk_submit, strict=True))
+    return {
+        "parameters": NUM_PARAMETERS,
+        "bytes": size,
+        "repeats": REPEATS,
+        "raw_upload_download_s": raw_times,
+        "sdk_fetch_s": sdk_fetch,
+        "sdk_submit_s": sdk_submit,
+        "median_raw_s": raw,
+        "median_sdk_s": sdk,
+        "ratio_sdk_over_raw": sdk / raw,
+    }
+
+
+def simulated_round(tmp: Path, clients: int = 10) -> dict[str, object]:
+    store = open_store((tmp / "sim-bucket").as_uri())
+    spec = ModelSpec(name="mlp", kwargs={"hidden": 64})
+    manifest = publish_model(store, state_dict_to_numpy(build_model(spec, seed=0)), version="init", model=spec)
+    set_current_model(store, manifest, expected_generation=0)
+    config = SimulationConfig(
+        bucket_url=store.url, clients=clients, rounds=1, poll_interval=0.2, cache_dir=str(tmp / "c")
+    )
+    runner = threading.Thread(target=simulate, args=(config,), kwargs={"echo": lambda line: None})
+    t0 = time.perf_counter()
+    runner.start()
+    open_round(store, round_id="r1", opened_at=utcnow(), deadline_seconds=600, training=TrainingConfig(local_epochs=2))
+    while len(list_update_manifests(store, "r1")) < clients:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    runner.join()
+    return {"clients": clients, "local_epochs": 2, "seconds_to_all_updates": elapsed}
+
+
+def main() -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"SDK overhead on a {NUM_PARAMETERS:,}-parameter state dict against fake-gcs-server:")
+        overhead = sdk_overhead(Path(tmp))
+        print(
+            f"  median raw upload+download {overhead['median_raw_s']:.2f}s, SDK fetch+submit "
+            f"{overhead['median_sdk_s']:.2f}s, ratio {overhead['ratio_sdk_over_raw']:.2f}"
+        )
+        print("one round of 10 simulated clients on digits:")
+        sim = simulated_round(Path(tmp))
+        print(f"  {sim['seconds_to_all_updates']:.1f}s from round open to the 10th update (process start included)")
+    result = {"sdk_overhead": overhead, "simulated_round": sim}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
