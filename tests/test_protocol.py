@@ -44,6 +44,7 @@ def test_documented_layout_matches_the_code():
         LAYOUT.round_task("ROUND"),
         LAYOUT.candidate_payload("ROUND"),
         LAYOUT.candidate_manifest("ROUND"),
+        LAYOUT.round_closing("ROUND"),
         LAYOUT.aggregation_report("ROUND"),
         LAYOUT.evaluation_report("ROUND"),
         LAYOUT.round_report("ROUND"),

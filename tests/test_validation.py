@@ -71,7 +71,7 @@ def test_valid_update_is_accepted_with_its_norm(store, open_task, tmp_path):
     assert update.client_id == "hospital-a" and update.manifest.num_examples == 42
     assert update.manifest.sha256 == manifest.sha256
     expected = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in tensors.values() if v.dtype.kind == "f"))
-    assert update.l2_norm == pytest.approx(expected, rel=1e-12)
+    assert update.l2_norm == pytest.approx(expected, rel=1e-6)  # float32 BLAS dot per chunk
 
 
 def test_resubmission_replaces_the_earlier_update(store, open_task, tmp_path):

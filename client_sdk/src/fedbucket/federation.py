@@ -16,21 +16,25 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbucket.errors import ObjectNotFound, PreconditionFailed, RoundNotOpen
+from fedbucket.errors import ObjectNotFound, PreconditionFailed, RoundNotOpen, UpdateRejected
 from fedbucket.layout import LAYOUT, BucketLayout
 from fedbucket.schemas import (
+    ClosedUpdate,
     Document,
     DocumentT,
     ModelManifest,
     ModelPointer,
     ModelSpec,
+    RoundClosing,
     RoundPointer,
     RoundTask,
     TrainingConfig,
+    UpdateVerdict,
     parse_document,
 )
 from fedbucket.storage import ObjectStore
 from fedbucket.tensors import read_header_file, save_tensors
+from fedbucket.validation import late_error, list_update_manifests, read_update_manifest, rejection_verdict
 
 #: Default hard limit on an update's size: the model's own size plus header slack, times 1.
 UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
@@ -212,3 +216,87 @@ def close_round(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAY
     write_document(
         store, layout.current_round, RoundPointer(round_id=round_id, status="closed"), if_generation_match=generation
     )
+
+
+def collect_round_updates(
+    store: ObjectStore, task: RoundTask, *, layout: BucketLayout = LAYOUT
+) -> tuple[list[ClosedUpdate], list[UpdateVerdict]]:
+    """The round's committed updates as they stand now: ``(on_time, late_or_unreadable)``.
+
+    Only manifests are read here (cheap); payloads are validated by aggregation. A manifest that
+    cannot be parsed or whose ids differ from its path is reported with the late ones.
+    """
+    on_time: list[ClosedUpdate] = []
+    rejected: list[UpdateVerdict] = []
+    for name in list_update_manifests(store, task.round_id, layout=layout):
+        client_id, _ = layout.parse_update_manifest(name)
+        try:
+            manifest, committed_at = read_update_manifest(store, name, layout=layout)
+        except UpdateRejected as exc:
+            rejected.append(rejection_verdict(client_id, exc))
+            continue
+        except ObjectNotFound:
+            continue  # deleted between list and read
+        if committed_at > task.deadline:
+            rejected.append(rejection_verdict(client_id, late_error(task, committed_at), committed_at))
+        else:
+            on_time.append(ClosedUpdate(manifest=manifest, committed_at=committed_at))
+    return on_time, rejected
+
+
+def freeze_round(
+    store: ObjectStore,
+    task: RoundTask,
+    *,
+    reason: str,
+    closed_at: datetime,
+    layout: BucketLayout = LAYOUT,
+) -> RoundClosing:
+    """Write ``rounds/<round>/closing.json`` once (create-only) and close the round pointer.
+
+    A second call returns the document written the first time, so a re-run of a round sees
+    exactly the updates the first run closed with.
+    """
+    existing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
+    if existing is None:
+        on_time, late = collect_round_updates(store, task, layout=layout)
+        closing = RoundClosing(round_id=task.round_id, closed_at=closed_at, reason=reason, updates=on_time, late=late)
+        try:
+            write_document(store, layout.round_closing(task.round_id), closing, if_generation_match=0)
+            existing = closing
+        except PreconditionFailed:
+            existing, _ = read_document(store, layout.round_closing(task.round_id), RoundClosing)
+    close_round(store, task.round_id, layout=layout)
+    return existing
+
+
+def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> ModelManifest:
+    """Make round ``round_id``'s candidate the current model.
+
+    The candidate is published as ``models/<round_id>/`` (create-only; a re-run finds the same
+    bytes there) and ``models/current.json`` is moved by compare-and-swap, only if it still points
+    at the candidate's base: a candidate built on an older model never replaces a newer one, so
+    re-running an old round cannot move the pointer backwards. Raises :class:`PreconditionFailed`
+    when the base has moved on.
+    """
+    candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
+    pointer, generation = current_model(store, layout=layout)
+    if pointer.version == candidate.version and pointer.sha256 == candidate.sha256:
+        return candidate  # already promoted (a re-run)
+    if pointer.version != candidate.base_version:
+        raise PreconditionFailed(
+            f"candidate of round {round_id} was built on model {candidate.base_version!r}, but the current "
+            f"model is {pointer.version!r}: not promoted"
+        )
+    published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
+    if published is None:
+        store.copy(layout.candidate_payload(round_id), layout.model_payload(candidate.version))
+        try:
+            write_document(store, layout.model_manifest(candidate.version), candidate, if_generation_match=0)
+            published = candidate
+        except PreconditionFailed:  # a concurrent promoter got there first
+            published, _ = read_document(store, layout.model_manifest(candidate.version), ModelManifest)
+    if published.sha256 != candidate.sha256:
+        raise PreconditionFailed(f"model version {candidate.version!r} already exists with other bytes")
+    set_current_model(store, candidate, expected_generation=generation)
+    return candidate

@@ -10,6 +10,7 @@ Object names are relative to the federation root (``gs://bucket/prefix`` or ``fi
     rounds/<round>/task.json                          everyone reads: what clients are asked to do
     rounds/<round>/candidate/model.safetensors        server: the aggregated candidate
     rounds/<round>/candidate/manifest.json            server: candidate manifest with lineage
+    rounds/<round>/closing.json                       server: the updates the round closed with
     rounds/<round>/aggregation.json                   server: accepted/rejected updates, timings
     rounds/<round>/evaluation.json                    server: candidate vs current metrics
     rounds/<round>/report.json                        server: the round's outcome
@@ -75,6 +76,9 @@ class BucketLayout:
 
     def candidate_manifest(self, round_id: str) -> str:
         return self.round_prefix(round_id) + "candidate/manifest.json"
+
+    def round_closing(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "closing.json"
 
     def aggregation_report(self, round_id: str) -> str:
         return self.round_prefix(round_id) + "aggregation.json"

@@ -220,6 +220,52 @@ class UpdateVerdict(BaseModel):
     committed_at: datetime | None = None
 
 
+class ClosedUpdate(BaseModel):
+    """One on-time update as it stood when its round closed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: UpdateManifest
+    committed_at: datetime
+
+    _tz_committed = field_validator("committed_at")(_utc)
+
+
+class RoundClosing(Document):
+    """``rounds/<round>/closing.json``: the updates a round closed with, frozen.
+
+    Written once when the wait ends; aggregation reads the updates named here (payloads are
+    content-addressed and create-only), so re-running a round later reproduces it byte for byte
+    even if clients write to their prefixes again.
+    """
+
+    kind: ClassVar[str] = "round-closing"
+    round_id: Identifier
+    closed_at: datetime
+    reason: Literal["max_clients", "quorum", "deadline", "below_quorum"]
+    updates: list[ClosedUpdate] = Field(default_factory=list)
+    late: list[UpdateVerdict] = Field(default_factory=list)
+
+    _tz_closed = field_validator("closed_at")(_utc)
+
+
+class AggregationReport(Document):
+    """``rounds/<round>/aggregation.json``: what the aggregation job did."""
+
+    kind: ClassVar[str] = "aggregation-report"
+    round_id: Identifier
+    status: Literal["aggregated", "below_quorum"]
+    base_model_version: Identifier
+    strategy: str
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    min_clients: int
+    candidate_sha256: Sha256 | None = None
+    updates: list[UpdateVerdict] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+
+
 class RoundReport(Document):
     """``rounds/<round>/report.json``: how a round ended."""
 
@@ -240,6 +286,8 @@ ALL_DOCUMENTS: tuple[type[Document], ...] = (
     RoundTask,
     RoundPointer,
     UpdateManifest,
+    RoundClosing,
+    AggregationReport,
     RoundReport,
 )
 

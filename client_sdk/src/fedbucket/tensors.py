@@ -165,7 +165,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, s
     """Serialise numpy arrays to safetensors bytes (deterministic: same arrays, same bytes)."""
     arrays = {}
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # not ascontiguousarray: that turns scalars into shape (1,)
         dtype_name(array)
         arrays[name] = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return _st_save(arrays, metadata=dict(metadata) if metadata else None)

@@ -1,0 +1,484 @@
+"""Sharded aggregation: the engine-independent half of the Spark job.
+
+The model's elements, in the base file's tensor order, are cut into *shards* of at most
+``max_elements`` elements (a shard is a run of ``(tensor, start, stop)`` pieces). One shard is one
+unit of work: :func:`aggregate_shard` reads that element range from the base model, the previous
+server state and every accepted update (byte-range reads; contiguous pieces merged into one read),
+combines the clients in client-id order in float64 and returns the new values in the tensor's
+dtype. Memory per shard is O(shard) for mean-based strategies whatever the number of clients, and
+because every element is computed from the same inputs in the same order, the bytes of the result
+do not depend on the shard size or on how shards are spread over workers.
+
+The candidate file is the base file's header followed by the shards' outputs in shard order;
+the server state file is written the same way (:func:`write_candidate`, :func:`write_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import numpy as np
+
+from fedbucket.errors import ObjectNotFound, UpdateRejected
+from fedbucket.federation import collect_round_updates, read_document, read_optional, sha256_file, write_document
+from fedbucket.layout import LAYOUT, BucketLayout
+from fedbucket.schemas import (
+    FLOAT_DTYPES,
+    AggregationReport,
+    ClosedUpdate,
+    ModelManifest,
+    RoundClosing,
+    RoundTask,
+    UpdateVerdict,
+    utcnow,
+)
+from fedbucket.storage import ObjectStore, open_store
+from fedbucket.strategies import Strategy, build_strategy, integer_mean_delta
+from fedbucket.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
+from fedbucket.validation import rejection_verdict, validate_manifest
+
+#: Default shard size: 4 Mi elements (16 MiB of float32 per client read, 32 MiB float64 accumulator).
+DEFAULT_SHARD_ELEMENTS = 4 * 1024 * 1024
+STATE_DTYPE = "F32"
+
+
+@dataclass(frozen=True)
+class Piece:
+    tensor: str
+    start: int  # element offsets within the flattened tensor
+    stop: int
+
+
+Shard = tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where a tensor's bytes start in one file, and its dtype."""
+
+    offset: int
+    dtype: str
+
+    @classmethod
+    def of(cls, info: TensorInfo) -> TensorLayout:
+        return cls(info.start, info.dtype)
+
+
+@dataclass(frozen=True)
+class UpdateSource:
+    """One accepted update, as the shard workers need it."""
+
+    client_id: str
+    payload_name: str
+    generation: int
+    tensors: dict[str, TensorLayout]
+    weight: float  # normalised example weight
+    scale: float  # norm-bounding factor
+
+
+@dataclass(frozen=True)
+class AggregationPlan:
+    """Everything a shard worker needs; small and picklable (names and offsets, no data)."""
+
+    store_url: str
+    base_payload_name: str
+    base_generation: int
+    base_tensors: dict[str, TensorLayout]
+    strategy_name: str
+    strategy_options: dict[str, object]
+    sources: tuple[UpdateSource, ...]
+    state_payload_name: str | None = None
+    state_tensors: dict[str, TensorLayout] = field(default_factory=dict)
+
+    def strategy(self) -> Strategy:
+        return build_strategy(self.strategy_name, dict(self.strategy_options))
+
+
+def plan_shards(header: Header, max_elements: int = DEFAULT_SHARD_ELEMENTS) -> list[Shard]:
+    """Cut the model (in file order) into shards of at most ``max_elements`` elements."""
+    if max_elements < 1:
+        raise ValueError("max_elements must be at least 1")
+    shards: list[Shard] = []
+    current: list[Piece] = []
+    room = max_elements
+    for info in header.in_file_order():
+        start = 0
+        while start < info.numel:
+            take = min(room, info.numel - start)
+            current.append(Piece(info.name, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(tuple(current))
+                current, room = [], max_elements
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def shard_elements_for(strategy: Strategy, clients: int, shard_bytes: int = 32 * 1024 * 1024) -> int:
+    """A shard size that keeps a worker's float64 working set near ``shard_bytes``."""
+    rows = clients if strategy.needs_all_deltas else 2
+    return max(1024, shard_bytes // (8 * max(1, rows)))
+
+
+_STORES: dict[str, ObjectStore] = {}
+
+
+def _store(url: str) -> ObjectStore:
+    """One store client per worker process and URL (clients are not picklable, and are reusable)."""
+    if url not in _STORES:
+        _STORES[url] = open_store(url)
+    return _STORES[url]
+
+
+def _read_pieces(
+    store: ObjectStore, name: str, generation: int | None, layout: dict[str, TensorLayout], shard: Shard
+) -> list[np.ndarray]:
+    """The shard's pieces from one file, contiguous pieces merged into one range read."""
+    spans: list[tuple[int, int, list[tuple[int, int, np.dtype]]]] = []
+    for piece in shard:
+        tensor = layout[piece.tensor]
+        dtype = NUMPY_DTYPES[tensor.dtype]
+        begin = tensor.offset + piece.start * dtype.itemsize
+        end = tensor.offset + piece.stop * dtype.itemsize
+        if spans and spans[-1][1] == begin:
+            spans[-1] = (spans[-1][0], end, [*spans[-1][2], (begin, end, dtype)])
+        else:
+            spans.append((begin, end, [(begin, end, dtype)]))
+    out: list[np.ndarray] = []
+    for begin, end, parts in spans:
+        data = store.read_range(name, begin, end, generation=generation)
+        if len(data) != end - begin:
+            raise OSError(f"{name}: short read at bytes {begin}-{end}")
+        view = memoryview(data)
+        for part_begin, part_end, dtype in parts:
+            out.append(np.frombuffer(view[part_begin - begin : part_end - begin], dtype=dtype))
+    return out
+
+
+def _flat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts, dtype=np.float64) if parts else np.zeros(0)
+
+
+def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[int, bytes, dict[str, bytes]]:
+    """New values (each tensor's dtype, concatenated in piece order) and new server state of one shard."""
+    store = _store(plan.store_url)
+    strategy = plan.strategy()
+    is_float = [plan.base_tensors[p.tensor].dtype in FLOAT_DTYPES for p in shard]
+    float_pieces = tuple(p for p, f in zip(shard, is_float, strict=True) if f)
+
+    def split(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        floats = [v for v, f in zip(parts, is_float, strict=True) if f]
+        ints = [v for v, f in zip(parts, is_float, strict=True) if not f]
+        return _flat(floats), _flat(ints)
+
+    base_float, base_int = split(
+        _read_pieces(store, plan.base_payload_name, plan.base_generation, plan.base_tensors, shard)
+    )
+    weights = np.array([s.weight for s in plan.sources], dtype=np.float64)
+    n = len(plan.sources)
+    stacked = np.empty((n, base_float.size)) if strategy.needs_all_deltas else None
+    combined = np.zeros(base_float.size)
+    int_rows = np.empty((n, base_int.size))
+    for i, source in enumerate(plan.sources):  # client-id order: the same bits on every run
+        row, int_rows[i] = split(_read_pieces(store, source.payload_name, source.generation, source.tensors, shard))
+        if source.scale != 1.0:
+            row *= source.scale
+        if stacked is not None:
+            stacked[i] = row
+        else:
+            strategy.accumulate(combined, row, source.weight)
+    if stacked is not None:
+        combined = strategy.combine(stacked, weights)
+    new_float, state = strategy.step(
+        base_float, combined, _read_state(store, plan, strategy, float_pieces, base_float.size)
+    )
+    new_int = base_int + integer_mean_delta(int_rows, weights) if base_int.size else base_int
+
+    out = bytearray()
+    next_float = next_int = 0
+    for piece, floating in zip(shard, is_float, strict=True):
+        count = piece.stop - piece.start
+        if floating:
+            values, next_float = new_float[next_float : next_float + count], next_float + count
+        else:
+            values, next_int = new_int[next_int : next_int + count], next_int + count
+        out += values.astype(NUMPY_DTYPES[plan.base_tensors[piece.tensor].dtype]).tobytes()
+    state_bytes = {name: v.astype(NUMPY_DTYPES[STATE_DTYPE]).tobytes() for name, v in state.items()}
+    return index, bytes(out), state_bytes
+
+
+def _read_state(
+    store: ObjectStore, plan: AggregationPlan, strategy: Strategy, float_pieces: Shard, size: int
+) -> dict[str, np.ndarray]:
+    if not strategy.state_names:
+        return {}
+    if plan.state_payload_name is None:
+        return strategy.init_state(size)
+    state = {}
+    for state_name in strategy.state_names:
+        layout = {p.tensor: plan.state_tensors[state_tensor_name(state_name, p.tensor)] for p in float_pieces}
+        state[state_name] = _flat(_read_pieces(store, plan.state_payload_name, None, layout, float_pieces))
+    return state
+
+
+def state_tensor_name(state_name: str, tensor: str) -> str:
+    return f"{state_name}/{tensor}"
+
+
+def _write_header(out: BinaryIO, entries: Iterable[tuple[str, str, Sequence[int]]]) -> None:
+    """Write a safetensors header for ``(name, dtype, shape)`` entries laid out in that order."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data section 8-byte aligned, as safetensors writes it
+    out.write(struct.pack("<Q", len(raw)))
+    out.write(raw)
+
+
+def write_candidate(path: str | os.PathLike[str], base_header: Header, shard_outputs: Iterable[bytes]) -> None:
+    """The candidate: the base file's tensors (same order, dtypes, shapes) with the new values."""
+    with open(path, "wb") as out:
+        _write_header(out, ((t.name, t.dtype, t.shape) for t in base_header.in_file_order()))
+        for data in shard_outputs:
+            out.write(data)
+
+
+def write_state(
+    path: str | os.PathLike[str],
+    base_header: Header,
+    state_names: Sequence[str],
+    shard_states: Sequence[dict[str, bytes]],
+) -> None:
+    """Server-optimiser state: for each state name, every float tensor in file order, float32."""
+    floats = [t for t in base_header.in_file_order() if t.dtype in FLOAT_DTYPES]
+    with open(path, "wb") as out:
+        _write_header(out, ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in state_names for t in floats))
+        for state_name in state_names:
+            for shard_state in shard_states:
+                out.write(shard_state[state_name])
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: validate, plan, aggregate through an engine, write. Engine-independent.
+
+T = TypeVar("T")
+R = TypeVar("R")
+Engine = Callable[[Callable[[T], R], Sequence[T]], list[R]]
+"""Runs ``func`` over ``items`` (one task per item) and returns the results in item order.
+The Spark job passes a Spark engine; :func:`serial_engine` runs in-process."""
+
+
+def serial_engine(func: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    return [func(item) for item in items]
+
+
+@dataclass(frozen=True)
+class _Validated:
+    verdict: UpdateVerdict
+    source: UpdateSource | None
+    l2_norm: float = 0.0
+
+
+def _validate_closed(store_url: str, task: RoundTask, closed: ClosedUpdate) -> _Validated:
+    store = _store(store_url)
+    client_id = closed.manifest.client_id
+    try:
+        update = validate_manifest(store, task, closed.manifest, closed.committed_at)
+    except UpdateRejected as exc:
+        return _Validated(rejection_verdict(client_id, exc, closed.committed_at), None)
+    source = UpdateSource(
+        client_id=client_id,
+        payload_name=update.payload_name,
+        generation=update.payload_generation,
+        tensors={n: TensorLayout.of(t) for n, t in update.header.tensors.items()},
+        weight=float(update.manifest.num_examples),
+        scale=1.0,
+    )
+    return _Validated(update.verdict(), source, update.l2_norm)
+
+
+def round_inputs(store: ObjectStore, task: RoundTask, *, layout: BucketLayout = LAYOUT) -> RoundClosing:
+    """The frozen closing document if the round was closed, else the updates as they stand now."""
+    closing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
+    if closing is not None:
+        return closing
+    on_time, late = collect_round_updates(store, task, layout=layout)
+    return RoundClosing(round_id=task.round_id, closed_at=utcnow(), reason="deadline", updates=on_time, late=late)
+
+
+def run_aggregation(
+    store: ObjectStore,
+    round_id: str,
+    strategy: Strategy,
+    *,
+    engine: Engine = serial_engine,
+    min_clients: int | None = None,
+    shard_elements: int | None = None,
+    engine_info: dict[str, object] | None = None,
+    layout: BucketLayout = LAYOUT,
+    log: Callable[[str], None] = lambda message: None,
+) -> AggregationReport:
+    """Aggregate one round into ``rounds/<round>/candidate/`` and write its aggregation report.
+
+    Returns the report; ``report.status == "below_quorum"`` when fewer than ``min_clients``
+    (default: the task's) updates are valid, in which case no candidate is written.
+    """
+    started = time.perf_counter()
+    task, _ = read_document(store, layout.round_task(round_id), RoundTask)
+    quorum = task.min_clients if min_clients is None else min_clients
+    closing = round_inputs(store, task, layout=layout)
+    updates = sorted(closing.updates, key=lambda u: u.manifest.client_id)
+    log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
+    validated = engine(functools.partial(_validate_closed, store.url, task), updates)
+    accepted = [v for v in validated if v.source is not None]
+    total_examples = sum(v.verdict.num_examples for v in accepted)
+    sources = tuple(
+        dataclasses.replace(
+            v.source,
+            weight=v.verdict.num_examples / total_examples,
+            scale=strategy.client_scale(v.l2_norm),
+        )
+        for v in accepted
+        if v.source is not None
+    )
+    verdicts = [
+        v.verdict.model_copy(update={"weight": s.weight}) if v.source else v.verdict
+        for v, s in zip(accepted, sources, strict=True)
+    ]
+    verdicts += [v.verdict for v in validated if v.source is None] + list(closing.late)
+    verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
+    validate_seconds = time.perf_counter() - started
+    for v in verdicts:
+        log(f"  {'ACCEPT' if v.accepted else 'REJECT'} {v.client_id}: " + (v.reason or f"weight {v.weight:.4f}"))
+    report = AggregationReport(
+        round_id=round_id,
+        status="below_quorum",
+        base_model_version=task.base_model_version,
+        strategy=strategy.name,
+        strategy_options=strategy.options(),
+        min_clients=quorum,
+        updates=verdicts,
+        engine=dict(engine_info or {}),
+    )
+    if len(sources) < quorum:
+        report.message = f"{len(sources)} valid update(s), fewer than the quorum of {quorum}: no candidate"
+        report.timings = {"validate_s": validate_seconds, "total_s": time.perf_counter() - started}
+        write_document(store, layout.aggregation_report(round_id), report)
+        log(report.message)
+        return report
+
+    base_manifest, _ = read_document(store, layout.model_manifest(task.base_model_version), ModelManifest)
+    base_name = layout.model_payload(base_manifest.version)
+    base_info = store.stat(base_name)
+    with store.open_reader(base_name, generation=base_info.generation) as fp:
+        base_header = read_header(fp, base_info.size)
+    state_name, state_tensors, state_note = _previous_state(store, base_manifest, strategy, layout)
+    shards = plan_shards(base_header, shard_elements or shard_elements_for(strategy, len(sources)))
+    plan = AggregationPlan(
+        store_url=store.url,
+        base_payload_name=base_name,
+        base_generation=base_info.generation,
+        base_tensors={n: TensorLayout.of(t) for n, t in base_header.tensors.items()},
+        strategy_name=strategy.name,
+        strategy_options=strategy.options(),
+        sources=sources,
+        state_payload_name=state_name,
+        state_tensors=state_tensors,
+    )
+    log(f"aggregating {len(sources)} update(s) with {strategy.describe()} in {len(shards)} shard(s){state_note}")
+    t0 = time.perf_counter()
+    results = engine(functools.partial(_aggregate_indexed, plan), list(enumerate(shards)))
+    results.sort(key=lambda r: r[0])
+    aggregate_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / "candidate.safetensors"
+        write_candidate(candidate, base_header, (data for _, data, _ in results))
+        sha = sha256_file(candidate)
+        manifest = ModelManifest(
+            version=round_id,
+            sha256=sha,
+            size_bytes=candidate.stat().st_size,
+            tensors=base_header.schema(),
+            model=task.model,
+            base_version=task.base_model_version,
+            round_id=round_id,
+            lineage={
+                "strategy": strategy.name,
+                "strategy_options": strategy.options(),
+                "accepted": [{"client_id": s.client_id, "weight": s.weight, "clip_scale": s.scale} for s in sources],
+                "rejected": [{"client_id": v.client_id, "code": v.code} for v in verdicts if not v.accepted],
+            },
+        )
+        store.upload_file(layout.candidate_payload(round_id), candidate)
+        write_document(store, layout.candidate_manifest(round_id), manifest)
+        if strategy.state_names:
+            state_file = Path(tmp) / "state.safetensors"
+            write_state(state_file, base_header, strategy.state_names, [state for _, _, state in results])
+            store.upload_file(layout.strategy_state(round_id), state_file)
+    write_seconds = time.perf_counter() - t0
+    report.status = "aggregated"
+    report.candidate_sha256 = sha
+    report.engine["shards"] = len(shards)
+    report.message = f"{len(sources)} of {len(verdicts)} update(s) accepted; candidate sha256 {sha[:12]}"
+    report.timings = {
+        "validate_s": validate_seconds,
+        "aggregate_s": aggregate_seconds,
+        "write_s": write_seconds,
+        "total_s": time.perf_counter() - started,
+    }
+    write_document(store, layout.aggregation_report(round_id), report)
+    log(report.message)
+    return report
+
+
+def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> tuple[int, bytes, dict[str, bytes]]:
+    return aggregate_shard(plan, *item)
+
+
+def _previous_state(
+    store: ObjectStore, base: ModelManifest, strategy: Strategy, layout: BucketLayout
+) -> tuple[str | None, dict[str, TensorLayout], str]:
+    """The server-optimiser state saved by the round that produced the base model, if usable."""
+    if not strategy.state_names:
+        return None, {}, ""
+    if base.round_id is None:
+        return None, {}, "; fresh optimiser state (base is the initial model)"
+    name = layout.strategy_state(base.round_id)
+    try:
+        info = store.stat(name)
+    except ObjectNotFound:
+        return None, {}, f"; fresh optimiser state (none saved by round {base.round_id})"
+    with store.open_reader(name, generation=info.generation) as fp:
+        header = read_header(fp, info.size)
+    wanted = {
+        state_tensor_name(s, t)
+        for s in strategy.state_names
+        for t, spec in base.tensors.items()
+        if spec.dtype in FLOAT_DTYPES
+    }
+    if not wanted <= set(header.tensors):
+        return None, {}, f"; fresh optimiser state (round {base.round_id} saved another strategy's state)"
+    return (
+        name,
+        {n: TensorLayout.of(t) for n, t in header.tensors.items()},
+        f"; optimiser state from round {base.round_id}",
+    )

@@ -1,0 +1,282 @@
+"""Aggregation strategies: pure math on float64 numpy slices, one class per strategy.
+
+A round's candidate is computed slice by slice (a slice is a contiguous range of one tensor's
+elements, the same range in every update), so each strategy sees, for one slice:
+
+- ``base``: the round's base model values, shape ``(k,)``;
+- the clients' deltas, stacked in client-id order, shape ``(n, k)``, already scaled by the
+  norm-bounding factor when ``clip_norm`` is set;
+- ``weights``: the clients' example counts, shape ``(n,)``;
+- ``state``: the server-optimiser state for that slice (empty for stateless strategies).
+
+and returns the new values and the new state. Server state is data, not attributes: it lives in
+the bucket between rounds (``state/<round>/strategy.safetensors``) and is passed in and out, because
+each round is a separate DAG run and Spark job.
+
+Norm bounding (``clip_norm``, Sun et al. 2019, "Can You Really Backdoor Federated Learning?",
+arXiv:1911.07963) works with every strategy: each client's delta is scaled by
+``min(1, clip_norm / ||delta||)`` with the L2 norm taken over all its floating-point tensors.
+
+Integer tensors (buffers such as BatchNorm's ``num_batches_tracked``) are not parameters: every
+strategy gives them ``base + round_half_even(example-weighted mean of the deltas)``, with no
+clipping and no server optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+State = dict[str, np.ndarray]
+
+
+class Strategy:
+    """Base class: the weighted mean of the deltas, applied with a server learning rate.
+
+    Args:
+        server_learning_rate: step size on the aggregated delta (1.0 = plain averaging).
+        clip_norm: if set, scale every client's delta to at most this L2 norm first.
+    """
+
+    name: ClassVar[str] = ""
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: Robust strategies need every client's slice at once; mean-based ones stream.
+    needs_all_deltas: ClassVar[bool] = False
+
+    def __init__(self, *, server_learning_rate: float = 1.0, clip_norm: float | None = None) -> None:
+        if server_learning_rate <= 0:
+            raise ValueError("server_learning_rate must be positive")
+        if clip_norm is not None and clip_norm <= 0:
+            raise ValueError("clip_norm must be positive (or None to disable norm bounding)")
+        self.server_learning_rate = server_learning_rate
+        self.clip_norm = clip_norm
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments, for manifests and reports."""
+        return {"server_learning_rate": self.server_learning_rate, "clip_norm": self.clip_norm}
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items() if v is not None)
+        return f"{self.name}({opts})"
+
+    # -- per client -----------------------------------------------------------------------------
+
+    def client_scale(self, l2_norm: float) -> float:
+        """Norm-bounding factor for a client whose delta has norm ``l2_norm``."""
+        if self.clip_norm is None or l2_norm <= self.clip_norm:
+            return 1.0
+        return self.clip_norm / l2_norm
+
+    @staticmethod
+    def normalised_weights(num_examples: np.ndarray) -> np.ndarray:
+        weights = np.asarray(num_examples, dtype=np.float64)
+        return weights / weights.sum()
+
+    # -- per slice ------------------------------------------------------------------------------
+
+    def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The aggregated delta of one slice: here the example-weighted mean (``weights`` sum to 1)."""
+        out = np.zeros(deltas.shape[1], dtype=np.float64)
+        for row, weight in zip(deltas, weights, strict=True):  # fixed client order: deterministic
+            self.accumulate(out, row, weight)
+        return out
+
+    @staticmethod
+    def accumulate(out: np.ndarray, row: np.ndarray, weight: float) -> None:
+        """``out += weight * row``: the streaming form of :meth:`combine` for mean-based strategies
+        (same operations in the same order, so streaming and stacked give identical bits)."""
+        out += weight * row
+
+    def init_state(self, size: int) -> State:
+        return {}
+
+    def step(self, base: np.ndarray, delta: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Apply the aggregated delta to the base values of one slice."""
+        return base + self.server_learning_rate * delta, state
+
+
+class FedAvg(Strategy):
+    """Federated Averaging: the example-weighted mean of the client deltas.
+
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017, arXiv:1602.05629. With ``server_learning_rate=1`` the candidate is
+    ``base + sum_i (n_i / n) * delta_i``.
+    """
+
+    name = "fedavg"
+
+
+class FedAvgM(Strategy):
+    """FedAvg with server momentum: ``v = momentum * v + delta; x = x + lr * v``.
+
+    Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
+    Visual Classification", 2019, arXiv:1909.06335. ``momentum=0`` reduces to FedAvg.
+    """
+
+    name = "fedavgm"
+    state_names = ("momentum",)
+
+    def __init__(self, *, momentum: float = 0.9, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
+        self.momentum = momentum
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"momentum": self.momentum}
+
+    def init_state(self, size: int) -> State:
+        return {"momentum": np.zeros(size)}
+
+    def step(self, base: np.ndarray, delta: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        velocity = self.momentum * state["momentum"] + delta
+        return base + self.server_learning_rate * velocity, {"momentum": velocity}
+
+
+class _AdaptiveServerOptimiser(Strategy):
+    """Shared part of FedAdagrad, FedAdam and FedYogi (Reddi et al. 2021, Algorithm 2).
+
+    The aggregated delta is a pseudo-gradient: ``m = beta1 * m + (1 - beta1) * delta``, the second
+    moment ``v`` is updated by the subclass, and ``x = x + lr * m / (sqrt(v) + tau)``. As in the
+    paper there is no bias correction, and ``v`` starts at ``tau**2``.
+    """
+
+    state_names = ("m", "v")
+
+    def __init__(
+        self,
+        *,
+        server_learning_rate: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__(server_learning_rate=server_learning_rate, clip_norm=clip_norm)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if tau <= 0:
+            raise ValueError("tau (adaptivity) must be positive")
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+    def init_state(self, size: int) -> State:
+        return {"m": np.zeros(size), "v": np.full(size, self.tau**2)}
+
+    def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, base: np.ndarray, delta: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        m = self.beta1 * state["m"] + (1 - self.beta1) * delta
+        v = self.second_moment(state["v"], delta)
+        return base + self.server_learning_rate * m / (np.sqrt(v) + self.tau), {"m": m, "v": v}
+
+
+class FedAdagrad(_AdaptiveServerOptimiser):
+    """Adagrad on the server: ``v = v + delta**2``.
+
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021, arXiv:2003.00295.
+    """
+
+    name = "fedadagrad"
+
+    def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        return v + delta**2
+
+
+class FedAdam(_AdaptiveServerOptimiser):
+    """Adam on the server: ``v = beta2 * v + (1 - beta2) * delta**2``.
+
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021, arXiv:2003.00295.
+    """
+
+    name = "fedadam"
+
+    def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1 - self.beta2) * delta**2
+
+
+class FedYogi(_AdaptiveServerOptimiser):
+    """Yogi on the server: ``v = v - (1 - beta2) * delta**2 * sign(v - delta**2)``.
+
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021, arXiv:2003.00295 (Yogi: Zaheer et
+    al., NeurIPS 2018). Its additive update keeps ``v`` from growing as fast as Adam's.
+    """
+
+    name = "fedyogi"
+
+    def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        squared = delta**2
+        return v - (1 - self.beta2) * squared * np.sign(v - squared)
+
+
+class FedMedian(Strategy):
+    """Coordinate-wise median of the deltas (unweighted).
+
+    Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+    ICML 2018, arXiv:1803.01498. Tolerates fewer than half the clients sending arbitrary values.
+    """
+
+    name = "fedmedian"
+    needs_all_deltas = True
+
+    def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return np.median(deltas, axis=0)
+
+
+class FedTrimmedAvg(Strategy):
+    """Coordinate-wise trimmed mean (unweighted): per coordinate, drop the ``beta`` fraction of
+    largest and of smallest values, average the rest.
+
+    Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+    ICML 2018, arXiv:1803.01498. ``beta`` must leave at least one value: ``2 * floor(beta * n) < n``.
+    """
+
+    name = "fedtrimmedavg"
+    needs_all_deltas = True
+
+    def __init__(self, *, beta: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= beta < 0.5:
+            raise ValueError("beta is the fraction trimmed from each end: it must be in [0, 0.5)")
+        self.beta = beta
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"beta": self.beta}
+
+    def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        n = deltas.shape[0]
+        cut = math.floor(self.beta * n)
+        if 2 * cut >= n:
+            raise ValueError(f"beta={self.beta} is too large for {n} clients: nothing would be left to average")
+        ordered = np.sort(deltas, axis=0)
+        return ordered[cut : n - cut].mean(axis=0)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedMedian, FedTrimmedAvg)
+}
+
+
+def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
+    """Instantiate a strategy by name (``fedavg``, ``fedavgm``, ``fedadagrad``, ``fedadam``,
+    ``fedyogi``, ``fedmedian``, ``fedtrimmedavg``) with keyword options."""
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
+    try:
+        return cls(**(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"strategy {name!r}: {exc}") from None
+
+
+def integer_mean_delta(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The rule for integer tensors: example-weighted mean of the deltas, rounded half to even."""
+    return np.rint(Strategy().combine(deltas, weights))
