@@ -22,26 +22,16 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
+from pathlib import Path
+
+# spark-submit runs this file as a script: make its sibling module importable on the driver.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _spark import configure_logging, spark_engine, spark_session
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BELOW_QUORUM = 0, 1, 2, 3
 
-T = TypeVar("T")
-R = TypeVar("R")
 log = logging.getLogger("fedbucket.aggregate")
-
-
-def spark_engine(spark_context) -> Callable[[Callable[[T], R], Sequence[T]], list[R]]:  # noqa: ANN001
-    """An engine for :func:`fedbucket.aggregation.run_aggregation`: one Spark task per item."""
-
-    def run(func: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        items = list(items)
-        if not items:
-            return []
-        return spark_context.parallelize(items, numSlices=len(items)).map(func).collect()
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    configure_logging()
     args = build_parser().parse_args(argv)
     from fedbucket.aggregation import run_aggregation
     from fedbucket.storage import open_store
@@ -78,15 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
 
-    from pyspark.sql import SparkSession
-
-    spark = (
-        SparkSession.builder.appName(f"fedbucket-aggregate-{args.round_id}")
-        .config("spark.sql.ansi.enabled", "false")  # explicit: the default differs between Spark 3.5 and 4
-        .config("spark.driver.maxResultSize", "4g")
-        .config("spark.python.worker.reuse", "true")
-        .getOrCreate()
-    )
+    spark = spark_session(f"fedbucket-aggregate-{args.round_id}")
     spark_context = spark.sparkContext
     try:
         report = run_aggregation(

@@ -35,7 +35,6 @@ def test_documented_layout_matches_the_code():
     text = PROTOCOL.read_text()
     sha = "0" * 64
     names = [
-        LAYOUT.federation_config,
         LAYOUT.current_model,
         LAYOUT.current_round,
         LAYOUT.holdout,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 
 from fedbucket.errors import ObjectNotFound, UpdateRejected
-from fedbucket.federation import collect_round_updates, read_document, read_optional, sha256_file, write_document
+from fedbucket.federation import collect_round_updates, read_document, read_optional, write_document
 from fedbucket.layout import LAYOUT, BucketLayout
 from fedbucket.schemas import (
     FLOAT_DTYPES,
@@ -43,7 +44,7 @@ from fedbucket.schemas import (
     UpdateVerdict,
     utcnow,
 )
-from fedbucket.storage import ObjectStore, open_store
+from fedbucket.storage import ObjectStore, cached_store
 from fedbucket.strategies import Strategy, build_strategy, integer_mean_delta
 from fedbucket.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
 from fedbucket.validation import rejection_verdict, validate_manifest
@@ -133,16 +134,6 @@ def shard_elements_for(strategy: Strategy, clients: int, shard_bytes: int = 32 *
     return max(1024, shard_bytes // (8 * max(1, rows)))
 
 
-_STORES: dict[str, ObjectStore] = {}
-
-
-def _store(url: str) -> ObjectStore:
-    """One store client per worker process and URL (clients are not picklable, and are reusable)."""
-    if url not in _STORES:
-        _STORES[url] = open_store(url)
-    return _STORES[url]
-
-
 def _read_pieces(
     store: ObjectStore, name: str, generation: int | None, layout: dict[str, TensorLayout], shard: Shard
 ) -> list[np.ndarray]:
@@ -174,7 +165,7 @@ def _flat(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[int, bytes, dict[str, bytes]]:
     """New values (each tensor's dtype, concatenated in piece order) and new server state of one shard."""
-    store = _store(plan.store_url)
+    store = cached_store(plan.store_url)
     strategy = plan.strategy()
     is_float = [plan.base_tensors[p.tensor].dtype in FLOAT_DTYPES for p in shard]
     float_pieces = tuple(p for p, f in zip(shard, is_float, strict=True) if f)
@@ -189,17 +180,28 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     )
     weights = np.array([s.weight for s in plan.sources], dtype=np.float64)
     n = len(plan.sources)
+    # where each piece lands in the float (or integer) vector of this shard
+    spans, float_at, int_at = [], 0, 0
+    for piece, floating in zip(shard, is_float, strict=True):
+        count = piece.stop - piece.start
+        spans.append((floating, float_at if floating else int_at, count))
+        float_at, int_at = (float_at + count, int_at) if floating else (float_at, int_at + count)
     stacked = np.empty((n, base_float.size)) if strategy.needs_all_deltas else None
     combined = np.zeros(base_float.size)
+    scratch = np.empty(base_float.size)
     int_rows = np.empty((n, base_int.size))
     for i, source in enumerate(plan.sources):  # client-id order: the same bits on every run
-        row, int_rows[i] = split(_read_pieces(store, source.payload_name, source.generation, source.tensors, shard))
-        if source.scale != 1.0:
-            row *= source.scale
-        if stacked is not None:
-            stacked[i] = row
-        else:
-            strategy.accumulate(combined, row, source.weight)
+        parts = _read_pieces(store, source.payload_name, source.generation, source.tensors, shard)
+        for (floating, at, count), values in zip(spans, parts, strict=True):
+            if not floating:
+                int_rows[i, at : at + count] = values
+            elif stacked is not None:
+                np.multiply(values, source.scale, out=stacked[i, at : at + count], dtype=np.float64)
+            else:
+                # float32 in, float64 out, no temporary: combined += (weight * scale) * delta
+                strategy.accumulate(
+                    combined[at : at + count], values, source.weight * source.scale, scratch[at : at + count]
+                )
     if stacked is not None:
         combined = strategy.combine(stacked, weights)
     new_float, state = strategy.step(
@@ -252,12 +254,24 @@ def _write_header(out: BinaryIO, entries: Iterable[tuple[str, str, Sequence[int]
     out.write(raw)
 
 
-def write_candidate(path: str | os.PathLike[str], base_header: Header, shard_outputs: Iterable[bytes]) -> None:
-    """The candidate: the base file's tensors (same order, dtypes, shapes) with the new values."""
-    with open(path, "wb") as out:
-        _write_header(out, ((t.name, t.dtype, t.shape) for t in base_header.in_file_order()))
+class _HashingWriter:
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.hasher = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.raw.write(data)
+
+
+def write_candidate(path: str | os.PathLike[str], base_header: Header, shard_outputs: Iterable[bytes]) -> str:
+    """Write the candidate (the base file's tensors, same order, dtypes and shapes, with the new
+    values); returns its sha256, computed while writing."""
+    with open(path, "wb") as raw:
+        out = _HashingWriter(raw)
+        _write_header(out, ((t.name, t.dtype, t.shape) for t in base_header.in_file_order()))  # type: ignore[arg-type]
         for data in shard_outputs:
             out.write(data)
+    return out.hasher.hexdigest()
 
 
 def write_state(
@@ -297,7 +311,7 @@ class _Validated:
 
 
 def _validate_closed(store_url: str, task: RoundTask, closed: ClosedUpdate) -> _Validated:
-    store = _store(store_url)
+    store = cached_store(store_url)
     client_id = closed.manifest.client_id
     try:
         update = validate_manifest(store, task, closed.manifest, closed.committed_at)
@@ -411,8 +425,7 @@ def run_aggregation(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / "candidate.safetensors"
-        write_candidate(candidate, base_header, (data for _, data, _ in results))
-        sha = sha256_file(candidate)
+        sha = write_candidate(candidate, base_header, (data for _, data, _ in results))
         manifest = ModelManifest(
             version=round_id,
             sha256=sha,

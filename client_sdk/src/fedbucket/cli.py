@@ -196,6 +196,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.counts().get("error", 0) == 0 else EXIT_ERROR
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from fedbucket.config import FederationConfig
+    from fedbucket.federation import init_federation
+    from fedbucket.storage import open_store
+    from fedbucket.tensors import load_tensors
+
+    config = FederationConfig.load(args.config)
+    bucket = args.bucket or config.bucket
+    holdout = load_tensors(args.holdout) if args.holdout else None
+    if holdout is not None and set(holdout) != {"x", "y"}:
+        raise _UsageError(f"--holdout {args.holdout} must hold exactly two tensors, x and y")
+    manifest, created = init_federation(open_store(bucket), config, holdout=holdout)
+    if created:
+        print(f"initialised {bucket}: model {manifest.version} ({config.model.name}, {manifest.size_bytes} bytes)")
+        print("wrote the hold-out split; no round is open yet")
+    else:
+        print(f"{bucket} is already initialised (current model {manifest.version}); nothing changed")
+    return EXIT_OK
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -283,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", action="store_true", help="FILE already holds trained-minus-base deltas")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)
+
+    p = add(
+        "init",
+        "Initialise a federation (server side): initial model from the config, hold-out split, empty rounds.",
+        "fedbucket init --config examples/federation.toml",
+    )
+    p.add_argument("--config", required=True, help="federation config (TOML)")
+    p.add_argument("--bucket", default=None, help="override the config's bucket URL")
+    p.add_argument("--holdout", help="safetensors file with x (features) and y (labels); default: digits hold-out")
+    p.set_defaults(func=cmd_init)
 
     p = add(
         "simulate",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbucket.config import FederationConfig
 from fedbucket.errors import ObjectNotFound, PreconditionFailed, RoundNotOpen, UpdateRejected
 from fedbucket.layout import LAYOUT, BucketLayout
 from fedbucket.schemas import (
@@ -281,22 +282,60 @@ def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout
     """
     candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
     pointer, generation = current_model(store, layout=layout)
-    if pointer.version == candidate.version and pointer.sha256 == candidate.sha256:
-        return candidate  # already promoted (a re-run)
+    published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
+    if published is not None and published.sha256 != candidate.sha256:
+        raise PreconditionFailed(f"model version {candidate.version!r} already exists with other bytes")
+    if pointer.version == candidate.version:
+        return candidate  # promoted by an earlier run
     if pointer.version != candidate.base_version:
+        if published is not None:
+            return candidate  # promoted by an earlier run, and newer models followed: leave the pointer
         raise PreconditionFailed(
             f"candidate of round {round_id} was built on model {candidate.base_version!r}, but the current "
             f"model is {pointer.version!r}: not promoted"
         )
-    published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
-    if published is None:
+    if published is None:  # publish first, then move the pointer: a crash in between is finished on retry
         store.copy(layout.candidate_payload(round_id), layout.model_payload(candidate.version))
         try:
             write_document(store, layout.model_manifest(candidate.version), candidate, if_generation_match=0)
-            published = candidate
         except PreconditionFailed:  # a concurrent promoter got there first
             published, _ = read_document(store, layout.model_manifest(candidate.version), ModelManifest)
-    if published.sha256 != candidate.sha256:
-        raise PreconditionFailed(f"model version {candidate.version!r} already exists with other bytes")
+            if published.sha256 != candidate.sha256:
+                raise
     set_current_model(store, candidate, expected_generation=generation)
     return candidate
+
+
+def init_federation(
+    store: ObjectStore,
+    config: FederationConfig,
+    *,
+    holdout: Mapping[str, np.ndarray] | None = None,
+    layout: BucketLayout = LAYOUT,
+) -> tuple[ModelManifest, bool]:
+    """Initialise a federation: the initial model (version ``init``, from the config's model and
+    seed), the held-out evaluation split, and an empty round state.
+
+    ``holdout`` is a state dict with ``x`` (float32 features) and ``y`` (int64 labels); by default
+    the digits hold-out split. Idempotent: returns ``(manifest, False)`` when already initialised.
+    """
+    existing, _ = read_optional(store, layout.current_model, ModelPointer)
+    if existing is not None:
+        manifest, _ = read_document(store, layout.model_manifest(existing.version), ModelManifest)
+        return manifest, False
+    from fedbucket.pytorch import state_dict_to_numpy
+    from fedbucket.zoo import build_model
+
+    if holdout is None:
+        from fedbucket.datasets import digits
+
+        _, split = digits(holdout_fraction=config.holdout_fraction, seed=config.seed)
+        holdout = {"x": split.x, "y": split.y}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "holdout.safetensors"
+        save_tensors(holdout, path)
+        store.upload_file(layout.holdout, path)
+    model = build_model(config.model, seed=config.seed)
+    manifest = publish_model(store, state_dict_to_numpy(model), version="init", model=config.model, layout=layout)
+    set_current_model(store, manifest, expected_generation=0)
+    return manifest, True

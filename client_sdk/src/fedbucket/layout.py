@@ -2,7 +2,6 @@
 
 Object names are relative to the federation root (``gs://bucket/prefix`` or ``file:///dir``)::
 
-    federation.json                                   server: the federation's settings
     models/current.json                               everyone reads: pointer to the promoted model
     models/<version>/model.safetensors               everyone reads: a promoted global model
     models/<version>/manifest.json                    everyone reads: its manifest (sha256, schema)
@@ -54,7 +53,6 @@ def check_identifier(value: str, what: str) -> str:
 class BucketLayout:
     """Object names of one federation, relative to its root URL."""
 
-    federation_config: str = "federation.json"
     current_model: str = "models/current.json"
     current_round: str = "rounds/current.json"
     holdout: str = "eval/holdout.safetensors"

@@ -266,6 +266,34 @@ class AggregationReport(Document):
     message: str = ""
 
 
+class ClassMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class ModelMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str
+    loss: float
+    accuracy: float
+    macro_f1: float
+    finite: bool
+    per_class: dict[str, ClassMetrics] = Field(default_factory=dict)
+
+
+class EvaluationReport(Document):
+    """``rounds/<round>/evaluation.json``: the candidate and the round's base model on the hold-out split."""
+
+    kind: ClassVar[str] = "evaluation-report"
+    round_id: Identifier
+    examples: int
+    candidate: ModelMetrics
+    current: ModelMetrics
+
+
 class RoundReport(Document):
     """``rounds/<round>/report.json``: how a round ended."""
 
@@ -288,6 +316,7 @@ ALL_DOCUMENTS: tuple[type[Document], ...] = (
     UpdateManifest,
     RoundClosing,
     AggregationReport,
+    EvaluationReport,
     RoundReport,
 )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import os
 import shutil
@@ -488,6 +489,12 @@ def open_store(url: str, *, credentials: object | None = None) -> ObjectStore:
     raise StorageError(f"{url!r}: unsupported storage scheme {parsed.scheme!r}; use file:// or gs://")
 
 
+@functools.lru_cache(maxsize=16)
+def cached_store(url: str) -> ObjectStore:
+    """One store per URL and process: for Spark workers, which get URLs (clients do not pickle)."""
+    return open_store(url)
+
+
 __all__ = [
     "STREAM_CHUNK_BYTES",
     "FileStore",
@@ -495,5 +502,6 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "ProgressCallback",
+    "cached_store",
     "open_store",
 ]

@@ -86,10 +86,12 @@ class Strategy:
         return out
 
     @staticmethod
-    def accumulate(out: np.ndarray, row: np.ndarray, weight: float) -> None:
-        """``out += weight * row``: the streaming form of :meth:`combine` for mean-based strategies
-        (same operations in the same order, so streaming and stacked give identical bits)."""
-        out += weight * row
+    def accumulate(out: np.ndarray, row: np.ndarray, weight: float, scratch: np.ndarray | None = None) -> None:
+        """``out += weight * row`` in float64: the streaming form of :meth:`combine` for mean-based
+        strategies (same operations in the same order, so streaming and stacked give identical
+        bits). ``row`` may be float32; ``scratch`` (float64, ``row``'s size) avoids a temporary."""
+        product = np.multiply(row, weight, out=scratch, dtype=np.float64)
+        out += product
 
     def init_state(self, size: int) -> State:
         return {}

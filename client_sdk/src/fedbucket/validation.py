@@ -80,6 +80,21 @@ def rejection_verdict(client_id: str, error: UpdateRejected, committed_at: datet
     )
 
 
+def _read_into(fp: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``fp`` (short only at end of file)."""
+    filled = 0
+    while filled < len(view):
+        n = fp.readinto(view[filled:]) if hasattr(fp, "readinto") else None
+        if n is None:
+            chunk = fp.read(len(view) - filled)
+            n = len(chunk)
+            view[filled : filled + n] = chunk
+        if not n:
+            break
+        filled += n
+    return filled
+
+
 def _sum_of_squares(values: np.ndarray, tensor: str) -> float:
     """Sum of squares of one chunk, raising :class:`NonFiniteValues` on NaN or infinity.
 
@@ -130,15 +145,19 @@ def check_payload(
     check_schema(header, schema)
     hasher = hashlib.sha256(header.header_bytes)
     sum_squares = 0.0
+    # One reusable buffer: fresh 16 MiB objects per read cost page faults at every chunk.
+    buffer = memoryview(bytearray(min(STREAM_CHUNK_BYTES, max(8, size))))
     for info in header.in_file_order():
         itemsize = info.np_dtype.itemsize
-        step = max(itemsize, STREAM_CHUNK_BYTES // itemsize * itemsize)
+        step = max(itemsize, len(buffer) // itemsize * itemsize)
         remaining = info.end - info.start
         while remaining:
-            data = fp.read(min(step, remaining))
-            if not data:
+            want = min(step, remaining)
+            got = _read_into(fp, buffer[:want])
+            if got < want:
                 raise MalformedPayload(f"payload ends inside tensor {info.name!r}")
-            remaining -= len(data)
+            remaining -= got
+            data = buffer[:got]
             hasher.update(data)
             if info.dtype in FLOAT_DTYPES:
                 sum_squares += _sum_of_squares(np.frombuffer(data, dtype=info.np_dtype), info.name)

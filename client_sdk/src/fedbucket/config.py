@@ -1,0 +1,103 @@
+"""A federation's settings: one TOML file read by ``fedbucket init``, the DAG and the jobs.
+
+Example (``examples/federation.toml`` is a complete one)::
+
+    bucket = "file:///tmp/fedbucket-demo"
+    model = { name = "mlp", kwargs = { hidden = 64 } }
+
+    [round]
+    deadline_seconds = 120
+    min_clients = 3
+
+    [aggregation]
+    strategy = "fedavg"
+
+Every field has a default except ``bucket``; unknown keys are errors (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedbucket.errors import SchemaError
+from fedbucket.schemas import ModelSpec, TrainingConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoundSettings(_Section):
+    """When a round stops waiting for updates."""
+
+    deadline_seconds: float = Field(default=600.0, gt=0, description="how long clients have to submit")
+    min_clients: int = Field(default=2, ge=1, description="quorum: stop waiting (after the grace period) once reached")
+    max_clients: int | None = Field(default=None, ge=1, description="stop waiting at once when this many arrived")
+    grace_seconds: float = Field(default=0.0, ge=0, description="after the quorum, wait this long for more updates")
+    min_clients_at_deadline: int | None = Field(
+        default=None, ge=1, description="at the deadline, aggregate if this many arrived (default: min_clients)"
+    )
+    settle_seconds: float = Field(
+        default=5.0, ge=0, description="at the deadline, wait this long before closing so in-flight uploads are seen"
+    )
+    max_update_norm: float | None = Field(default=None, gt=0, description="reject updates with a larger L2 norm")
+    poll_seconds: float = Field(default=5.0, gt=0, description="how often the wait step looks at the bucket")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoundSettings:
+        if self.max_clients is not None and self.max_clients < self.min_clients:
+            raise ValueError("max_clients must be at least min_clients")
+        return self
+
+    @property
+    def quorum_at_deadline(self) -> int:
+        return self.min_clients_at_deadline or self.min_clients
+
+
+class AggregationSettings(_Section):
+    strategy: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+    engine: Literal["local", "dataproc"] = "local"
+    spark_master: str = "local[*]"
+    spark_submit: str | None = Field(default=None, description="spark-submit to run (default: next to Python)")
+
+
+class GateSettings(_Section):
+    """When a candidate may replace the current model."""
+
+    metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    tolerance: float = Field(
+        default=0.0, ge=0, description="how much worse than the current model the candidate may be on `metric`"
+    )
+
+
+class FederationConfig(_Section):
+    bucket: str = Field(min_length=1, description="federation root URL: gs://bucket/prefix or file:///dir")
+    model: ModelSpec = ModelSpec(name="mlp", kwargs={"hidden": 64})
+    seed: int = 0
+    schedule: str | None = Field(default=None, description="cron or preset (e.g. '@hourly'); None = manual rounds")
+    round: RoundSettings = RoundSettings()
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationSettings = AggregationSettings()
+    gate: GateSettings = GateSettings()
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    retries: int = Field(default=2, ge=0, description="Airflow retries of each round step")
+    retry_delay_seconds: float = Field(default=30.0, ge=0)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FederationConfig:
+        """Read and validate a TOML config; :class:`SchemaError` names the file and the field."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SchemaError(f"{path}: {exc}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise SchemaError(f"{path}: {problems}") from None

@@ -1,0 +1,112 @@
+"""
+### fedbucket round
+
+One run of this DAG is one federated round:
+
+1. **publish** the round task (base = current model) and open the round;
+2. **wait_for_updates** until the quorum (plus grace) or the deadline — deferrable; below the
+   quorum at the deadline the round is *abandoned* and the next three steps are skipped;
+3. **aggregate** the frozen updates with the Spark job (`spark_jobs/aggregate.py`);
+4. **evaluate** candidate and base model on the held-out split (`spark_jobs/evaluate.py`);
+5. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`);
+6. **report**: `rounds/<round>/report.json` and a summary in the task log.
+
+Trigger a round by hand with parameters:
+`airflow dags trigger fedbucket_round --conf '{"min_clients": 5, "strategy": "fedadam"}'`.
+See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, TriggerRule
+
+from fedbucket.config import FederationConfig
+from fedbucket.strategies import STRATEGIES
+from fedbucket_airflow.operators import (
+    LocalSparkSubmitOperator,
+    OpenRoundOperator,
+    PromoteCandidateOperator,
+    RoundReportOperator,
+)
+from fedbucket_airflow.sensors import RoundQuorumSensor
+
+CONFIG_PATH = os.environ.get("FEDBUCKET_CONFIG", str(Path(__file__).with_name("federation.toml")))
+SPARK_JOBS = Path(os.environ.get("FEDBUCKET_SPARK_JOBS", Path(__file__).resolve().parents[1] / "spark_jobs"))
+config = FederationConfig.load(CONFIG_PATH)  # a small local file: cheap at parse time
+
+ROUND_ID = "{{ ti.xcom_pull(task_ids='publish', key='round_id') }}"
+
+
+def setting(expression: str) -> str:
+    """A template for a value of the round's effective settings, pushed by the publish step."""
+    return "{{ ti.xcom_pull(task_ids='publish', key='settings')" + expression + " }}"
+
+
+with DAG(
+    dag_id="fedbucket_round",
+    description="One federated round: publish, wait, aggregate (Spark), evaluate (Spark), promote, report",
+    schedule=config.schedule,
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,  # rounds are sequential: each builds on the model the previous one promoted
+    default_args={"retries": config.retries, "retry_delay": timedelta(seconds=config.retry_delay_seconds)},
+    params={
+        "round_id": Param(None, type=["null", "string"], description="round id (default: from the run's date)"),
+        "deadline_seconds": Param(config.round.deadline_seconds, type="number", exclusiveMinimum=0),
+        "min_clients": Param(config.round.min_clients, type="integer", minimum=1),
+        "max_clients": Param(config.round.max_clients, type=["null", "integer"], minimum=1),
+        "min_clients_at_deadline": Param(config.round.min_clients_at_deadline, type=["null", "integer"], minimum=1),
+        "grace_seconds": Param(config.round.grace_seconds, type="number", minimum=0),
+        "strategy": Param(config.aggregation.strategy, type="string", enum=sorted(STRATEGIES)),
+        "strategy_options": Param(config.aggregation.options, type="object"),
+        "local_epochs": Param(config.training.local_epochs, type="integer", minimum=1),
+        "batch_size": Param(config.training.batch_size, type="integer", minimum=1),
+        "learning_rate": Param(config.training.learning_rate, type="number", exclusiveMinimum=0),
+        "proximal_mu": Param(config.training.proximal_mu, type="number", minimum=0),
+        "gate_tolerance": Param(config.gate.tolerance, type="number", minimum=0),
+    },
+    doc_md=__doc__,
+    tags=["fedbucket", "federated-learning"],
+) as dag:
+    publish = OpenRoundOperator(task_id="publish", config_path=CONFIG_PATH)
+    wait = RoundQuorumSensor(
+        task_id="wait_for_updates",
+        bucket=config.bucket,
+        round_id=publish.output["round_id"],
+        settings=publish.output["settings"],
+        timeout=config.round.deadline_seconds + 3600,
+    )
+    spark = {"master": config.aggregation.spark_master, "spark_submit": config.aggregation.spark_submit}
+    aggregate = LocalSparkSubmitOperator(
+        task_id="aggregate",
+        application=str(SPARK_JOBS / "aggregate.py"),
+        application_args=[
+            *("--bucket", config.bucket, "--round", ROUND_ID),
+            *("--strategy", setting("['strategy']")),
+            *("--strategy-options", setting("['strategy_options'] | tojson")),
+            *("--min-clients", setting("['aggregation_quorum']")),
+        ],
+        skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
+        **spark,
+    )
+    evaluate = LocalSparkSubmitOperator(
+        task_id="evaluate",
+        application=str(SPARK_JOBS / "evaluate.py"),
+        application_args=["--bucket", config.bucket, "--round", ROUND_ID],
+        **spark,
+    )
+    promote = PromoteCandidateOperator(
+        task_id="promote", bucket=config.bucket, round_id=ROUND_ID, settings=publish.output["settings"]
+    )
+    report = RoundReportOperator(
+        task_id="report",
+        bucket=config.bucket,
+        round_id=ROUND_ID,
+        promotion_task_id="promote",
+        trigger_rule=TriggerRule.NONE_FAILED,
+    )
+    publish >> wait >> aggregate >> evaluate >> promote >> report

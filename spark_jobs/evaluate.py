@@ -1,0 +1,55 @@
+"""PySpark job: score a round's candidate and its base model on the held-out split.
+
+    spark-submit --master 'local[*]' spark_jobs/evaluate.py --bucket file:///srv/federation --round R
+
+The split is cut into row ranges, one Spark task each; every task reads its rows and both models
+from the bucket, and returns confusion matrices and loss sums that the driver adds up. Writes
+``rounds/<round>/evaluation.json``. Exit status: 0 written, 2 bad arguments, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _spark import configure_logging, spark_engine, spark_session
+
+log = logging.getLogger("fedbucket.evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bucket", required=True, help="federation URL: gs://bucket/prefix or file:///dir")
+    parser.add_argument("--round", required=True, dest="round_id", help="round id")
+    parser.add_argument("--rows-per-task", type=int, default=4096, help="hold-out rows per Spark task")
+    parser.add_argument("--num-classes", type=int, default=10, help="number of labels")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    from fedbucket.evaluation import run_evaluation
+    from fedbucket.storage import open_store
+
+    spark = spark_session(f"fedbucket-evaluate-{args.round_id}")
+    try:
+        run_evaluation(
+            open_store(args.bucket),
+            args.round_id,
+            engine=spark_engine(spark.sparkContext),
+            rows_per_task=args.rows_per_task,
+            num_classes=args.num_classes,
+            log=log.info,
+        )
+    finally:
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

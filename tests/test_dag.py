@@ -1,0 +1,278 @@
+"""The round DAG end to end with ``dag.test()``: real Airflow, real Spark, real PyTorch clients,
+against the file store and fake-gcs-server. Assertions are on bucket contents and run states."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedbucket import LAYOUT, Client, ObjectStore, open_store
+from fedbucket.config import FederationConfig
+from fedbucket.federation import current_model, init_federation, read_document
+from fedbucket.pytorch import load_global_weights, train_local
+from fedbucket.schemas import ModelManifest, RoundClosing, RoundReport, utcnow
+from fedbucket.simulation import _hostile_payload, _write_raw_update
+from fedbucket.zoo import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.airflow, pytest.mark.spark]
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Airflow home with a migrated SQLite DB; the env is set before airflow is imported."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "PYSPARK_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    os.environ.update(env)
+    if str(REPO / "plugins") not in sys.path:
+        sys.path.insert(0, str(REPO / "plugins"))
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ)
+    return home
+
+
+def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
+    round_settings = {
+        "deadline_seconds": 60,
+        "min_clients": 3,
+        "max_clients": 10,
+        "grace_seconds": 0,
+        "settle_seconds": 3,
+        "poll_seconds": 0.5,
+        "max_update_norm": 1000.0,
+    } | round_overrides
+    spark_submit = round_settings.pop("spark_submit", None)
+    lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
+    lines += ["retry_delay_seconds = 0", "", "[round]"]
+    lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
+    lines += ["", "[training]", "local_epochs = 2", "learning_rate = 0.1", "", "[gate]", "tolerance = 1.0"]
+    lines += ["", "[aggregation]", 'spark_master = "local[2]"']
+    if spark_submit:
+        lines.append(f'spark_submit = "{spark_submit}"')
+    path = tmp_path / "federation.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_dag(config_path: Path, run_conf: dict | None = None, logical_date: datetime | None = None):
+    """Parse the DAG with ``config_path`` and run it once with ``dag.test()``; returns the DagRun."""
+    os.environ["FEDBUCKET_CONFIG"] = str(config_path)
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}, bag.import_errors
+    dag = bag.get_dag("fedbucket_round")
+    return dag.test(run_conf=run_conf or {}, logical_date=logical_date)
+
+
+def task_states(dag_run) -> dict[str, str]:
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances(session=session)}
+
+
+class Clients:
+    """Clients in threads: wait for the round, train for real (PyTorch MLP on digits), submit."""
+
+    def __init__(self, store_url: str, cache: Path, behaviours: dict[str, str]) -> None:
+        from fedbucket.datasets import digits, partition
+
+        self.store_url, self.cache, self.behaviours = store_url, cache, behaviours
+        self.train, _ = digits()
+        self.parts = partition(self.train.y, len(behaviours), scheme="iid", seed=1)
+        self.threads = [
+            threading.Thread(target=self._run, args=(cid, i), daemon=True) for i, cid in enumerate(behaviours)
+        ]
+        self.errors: list[str] = []
+
+    def __enter__(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for t in self.threads:
+            t.join(timeout=120)
+        assert not self.errors, self.errors
+
+    def _run(self, client_id: str, index: int) -> None:
+        try:
+            with Client(self.store_url, client_id, cache_dir=self.cache / client_id) as client:
+                task = client.wait_for_round(timeout=120, poll_interval=0.2)
+                behaviour = self.behaviours[client_id]
+                if behaviour == "hostile":
+                    _write_raw_update(
+                        client.store, task, client_id, _hostile_payload("nan", task, np.random.default_rng(0)), 5
+                    )
+                    return
+                model = build_model(task.model)
+                load_global_weights(model, client.fetch_model(task))
+                idx = self.parts[index]
+                train_local(model, self.train.x[idx], self.train.y[idx], task.training, seed=index)
+                if behaviour == "late":
+                    time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 0.5)
+                    from fedbucket.client import compute_delta, upload_update
+                    from fedbucket.tensors import save_tensors
+
+                    path = self.cache / f"{client_id}-late.safetensors"
+                    save_tensors(compute_delta(model.state_dict(), client.fetch_model(task, as_numpy=True)), path)
+                    upload_update(client.store, task, client_id, path, num_examples=len(idx), check_deadline=False)
+                    return
+                client.submit(task, model.state_dict(), num_examples=len(idx))
+        except Exception as exc:  # surfaced in __exit__
+            self.errors.append(f"{client_id}: {type(exc).__name__}: {exc}")
+
+
+@pytest.fixture
+def federation(store_url: str, tmp_path: Path, airflow_home: Path) -> tuple[ObjectStore, str]:
+    store = open_store(store_url)
+    config = FederationConfig(bucket=store_url, model={"name": "mlp", "kwargs": {"hidden": 32}})
+    init_federation(store, config)
+    return store, store_url
+
+
+def report_of(store: ObjectStore, round_id: str) -> RoundReport:
+    return read_document(store, LAYOUT.round_report(round_id), RoundReport)[0]
+
+
+def test_dagbag_parses_fast_without_import_errors(airflow_home, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    os.environ["FEDBUCKET_CONFIG"] = str(write_config(tmp_path, "file:///tmp/unused"))
+    started = time.perf_counter()
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    assert time.perf_counter() - started < 10
+    dag = bag.get_dag("fedbucket_round")
+    assert [t.task_id for t in dag.tasks] == [
+        "publish", "wait_for_updates", "aggregate", "evaluate", "promote", "report",
+    ]  # fmt: skip
+    assert dag.max_active_runs == 1
+    # no torch or pyspark at parse time
+    parse = subprocess.run(
+        [sys.executable, "-c", f"import runpy,sys; sys.path.insert(0,'{REPO / 'plugins'}'); "
+         f"runpy.run_path('{REPO / 'dags' / 'fedbucket_round.py'}'); "
+         "print('torch' in sys.modules, 'pyspark' in sys.modules)"],
+        capture_output=True, text=True, env=os.environ, check=True,
+    )  # fmt: skip
+    assert parse.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_normal_round_promotes_and_rerun_reproduces_it(federation, tmp_path):
+    store, url = federation
+    config = write_config(tmp_path, url)
+    with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
+        run = run_dag(config, run_conf={"round_id": "round-1"})
+    assert str(run.state) == "success", task_states(run)
+    report = report_of(store, "round-1")
+    assert report.status == "promoted" and len([u for u in report.updates if u.accepted]) == 3
+    pointer, generation = current_model(store)
+    assert pointer.version == "round-1" and pointer.sha256 == report.candidate_sha256
+    assert report.metrics["candidate"]["accuracy"] > report.metrics["current"]["accuracy"]
+
+    artifacts = [
+        LAYOUT.round_task("round-1"),
+        LAYOUT.round_closing("round-1"),
+        LAYOUT.candidate_payload("round-1"),
+        LAYOUT.candidate_manifest("round-1"),
+        LAYOUT.evaluation_report("round-1"),
+        LAYOUT.round_report("round-1"),
+    ]
+    before = {name: store.get_bytes(name)[0] for name in artifacts}
+    rerun = run_dag(config, run_conf={"round_id": "round-1"})  # clear-and-rerun of the same round
+    assert str(rerun.state) == "success", task_states(rerun)
+    assert {name: store.get_bytes(name)[0] for name in artifacts} == before  # byte for byte
+    assert current_model(store) == (pointer, generation)  # the pointer did not move
+
+
+def test_abandoned_round_leaves_the_model_untouched(federation, tmp_path):
+    store, url = federation
+    before = current_model(store)
+    config = write_config(tmp_path, url, deadline_seconds=4, min_clients=2, min_clients_at_deadline=2)
+    with Clients(url, tmp_path / "clients", {"lonely": "honest"}):
+        run = run_dag(config, run_conf={"round_id": "round-abandoned"})
+    states = task_states(run)
+    assert str(run.state) == "success", states
+    assert states["wait_for_updates"] == "skipped" and states["aggregate"] == "skipped"
+    assert states["report"] == "success"
+    report = report_of(store, "round-abandoned")
+    assert report.status == "abandoned" and "quorum not reached" in report.message
+    closing, _ = read_document(store, LAYOUT.round_closing("round-abandoned"), RoundClosing)
+    assert closing.reason == "below_quorum" and len(closing.updates) == 1
+    assert current_model(store) == before
+    assert not store.exists(LAYOUT.candidate_payload("round-abandoned"))
+
+
+def test_hostile_and_late_updates_are_rejected_and_the_round_goes_on(federation, tmp_path):
+    store, url = federation
+    config = write_config(tmp_path, url, deadline_seconds=12, min_clients=5, min_clients_at_deadline=2)
+    behaviours = {"h0": "honest", "h1": "honest", "h2": "honest", "mallory": "hostile", "slowpoke": "late"}
+    with Clients(url, tmp_path / "clients", behaviours):
+        run = run_dag(config, run_conf={"round_id": "round-hostile"})
+    assert str(run.state) == "success", task_states(run)
+    report = report_of(store, "round-hostile")
+    verdicts = {u.client_id: u for u in report.updates}
+    assert report.status == "promoted"
+    assert {c for c, u in verdicts.items() if u.accepted} == {"h0", "h1", "h2"}
+    assert verdicts["mallory"].code == "non_finite" and "NaN" in verdicts["mallory"].reason
+    assert verdicts["slowpoke"].code == "late"
+    manifest, _ = read_document(store, LAYOUT.candidate_manifest("round-hostile"), ModelManifest)
+    assert {a["client_id"] for a in manifest.lineage["accepted"]} == {"h0", "h1", "h2"}
+
+
+def test_failed_aggregate_is_retried(federation, tmp_path):
+    store, url = federation
+    marker = tmp_path / "failed-once"
+    flaky = tmp_path / "flaky-spark-submit"
+    flaky.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/usr/bin/env bash
+            # fails the first aggregation attempt, as a preempted cluster would
+            if [[ "$*" == *aggregate.py* && ! -e {marker} ]]; then
+              touch {marker}; echo "simulated crash" >&2; exit 1
+            fi
+            exec {Path(sys.executable).parent / "spark-submit"} "$@"
+            """
+        )
+    )
+    flaky.chmod(0o755)
+    config = write_config(tmp_path, url, spark_submit=str(flaky))
+    with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
+        run = run_dag(config, run_conf={"round_id": "round-retry"})
+    assert str(run.state) == "success", task_states(run)
+    assert marker.exists()
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tries = {ti.task_id: ti.try_number for ti in run.get_task_instances(session=session)}
+    assert tries["aggregate"] == 2 and tries["evaluate"] == 1
+    assert report_of(store, "round-retry").status == "promoted"
+
+
+def test_scheduled_round_id_comes_from_the_logical_date(federation, tmp_path):
+    """A scheduled/backfill run of a date long past: deterministic id; clients missed it: abandoned."""
+    store, url = federation
+    config = write_config(tmp_path, url, deadline_seconds=1, min_clients=1, settle_seconds=0)
+    run = run_dag(config, logical_date=datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    assert str(run.state) == "success", task_states(run)
+    report = report_of(store, "20260301T120000Z")
+    assert report.status == "abandoned"
