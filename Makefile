@@ -51,7 +51,8 @@ bench: setup  ## measure speed and memory; writes docs/benchmarks.md and docs/be
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
 
 lock: setup  ## regenerate constraints.txt from the current environment
-	$(BIN)/pip freeze --exclude-editable | grep -v '^fedbucket' > constraints.txt
+	{ echo '# Locked versions of every package (direct and transitive) for requirements.txt. Regenerate: make lock'; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^fedbucket'; } > constraints.txt
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output
