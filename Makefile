@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fedbucket-installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup java-check test lint format demo bench lock clean
+.PHONY: help setup java-check spark35-env test lint format demo airflow results bench lock clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,19 @@ $(STAMP): requirements.txt constraints.txt client_sdk/pyproject.toml
 	@touch $@
 	@echo "fedbucket: environment ready in $(VENV)"
 
+# Spark 3.5 (Dataproc 2.2/2.3 images) beside the main env's Spark 4: the tests run the same jobs on both.
+SPARK35_VENV  := .venv-spark35
+SPARK35_STAMP := $(SPARK35_VENV)/.fedbucket-installed
+
+spark35-env: $(SPARK35_STAMP)  ## a second env with pyspark 3.5 for the Spark-compatibility tests
+
+$(SPARK35_STAMP): constraints.txt client_sdk/pyproject.toml
+	@[ -x $(SPARK35_VENV)/bin/python ] || $(PYTHON) -m venv $(SPARK35_VENV)
+	$(SPARK35_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -v '^pyspark==' constraints.txt > $(SPARK35_VENV)/constraints.txt
+	$(SPARK35_VENV)/bin/python -m pip install --quiet pyspark==3.5.8 torch==2.13.0 -e client_sdk -c $(SPARK35_VENV)/constraints.txt
+	@touch $@
+
 lint: setup  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -40,12 +53,29 @@ format: setup  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
+test: lint spark35-env  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
-demo: setup  ## run the part of the pipeline that exists, for real, and say what it did
-	$(PY) examples/protocol_tour.py
+demo: setup  ## a real local federation: 10 simulated clients, 5 rounds of the DAG with Spark (see README)
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+AIRFLOW_LOCAL_HOME ?= $(abspath airflow-home)
+FEDBUCKET_CONFIG ?= $(abspath dags/federation.toml)
+
+airflow: setup  ## airflow standalone with the round DAG: http://127.0.0.1:8080 (Ctrl-C stops it)
+	$(BIN)/fedbucket init --config $(FEDBUCKET_CONFIG)
+	@echo "Airflow UI: http://127.0.0.1:8080  (local login: every user is admin; see docs/operations.md)"
+	@echo "Trigger a round: DAG fedbucket_round > Trigger; clients: .venv/bin/fedbucket simulate --bucket <bucket in $(FEDBUCKET_CONFIG)>"
+	PATH="$(abspath $(BIN)):$$PATH" AIRFLOW_HOME=$(AIRFLOW_LOCAL_HOME) FEDBUCKET_CONFIG=$(FEDBUCKET_CONFIG) \
+	  AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__DAGS_FOLDER=$(abspath dags) \
+	  AIRFLOW__CORE__PLUGINS_FOLDER=$(abspath plugins) PYTHONPATH=$(abspath plugins) \
+	  AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True \
+	  AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
+	  $(BIN)/airflow standalone
+
+results: setup  ## 20 rounds of the DAG with 10 honest non-IID clients vs central training: docs/results.md
+	$(PY) examples/results.py
 
 bench: setup  ## measure speed and memory; writes docs/benchmarks.md and docs/benchmarks/*.json
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
@@ -55,4 +85,4 @@ lock: setup  ## regenerate constraints.txt from the current environment
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^fedbucket'; } > constraints.txt
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(SPARK35_VENV) .pytest_cache .ruff_cache demo-output results-output airflow-home

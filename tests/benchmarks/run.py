@@ -40,15 +40,97 @@ def render_client(data: dict) -> str:
     )
 
 
+def _cell(entry: dict | None, n_bytes: int) -> tuple[str, str, str]:
+    if not entry or "median_s" not in entry:
+        reason = (entry or {}).get("skipped", "not run")
+        return "—", "—", reason
+    seconds = entry["median_s"]
+    rss = entry.get("peak_rss_bytes")
+    return f"{seconds:.1f}", f"{n_bytes / seconds / 1e9:.2f}", f"{rss / 1e9:.2f}" if rss else "—"
+
+
+def render_aggregate(data: dict) -> str:
+    model_mb = data["model_bytes"] / 1e6
+    lines = [
+        "## Aggregation (DistilBERT-sized updates)",
+        "",
+        f"N updates of {data['model_parameters']:,} float32 parameters ({model_mb:.0f} MB each, {data['tensors']} "
+        f"tensors) in a local file:// federation, FedAvg, medians of {data['repeats']} run(s) per cell, "
+        f"{data['cpu_count']} cores. GB/s = update bytes / seconds. RSS = peak resident memory of the largest "
+        "single process of that approach (the Spark JVM, a Python worker or the driver).",
+        "",
+        "- (a) `spark-submit --master local[*] spark_jobs/aggregate.py` end to end (JVM start included);",
+        "- (b) the same run's own timing of validate + aggregate + write, session already up;",
+        "- (c) the floor: one numpy process streaming every update once into a float64 sum, no validation;",
+        "- (d) load every update, then average (Flower's `aggregate`), where it fits in memory.",
+        "",
+        "| N | (a) s | (a) GB/s | (a) RSS GB | (b) s | (b) GB/s | (c) s | (c) GB/s | (c) RSS GB | (d) s | (d) RSS GB "
+        "| prototype s (5 VMs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    proto = {int(k): v for k, v in data["prototype_seconds"].items()}
+    for row in data["results"]:
+        n, size = row["n"], row["update_bytes"]
+        a = _cell(row.get("spark_e2e"), size)
+        b = _cell(row.get("spark_inner"), size)
+        c = _cell(row.get("numpy_floor"), size)
+        d = _cell(row.get("load_all"), size)
+        lines.append(
+            f"| {n} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {c[0]} | {c[1]} | {c[2]} | {d[0]} | {d[2]} "
+            f"| {proto.get(n, '—')} |"
+        )
+    lines += ["", "![seconds vs N](benchmarks/aggregate.png)", ""]
+    by_n = {r["n"]: r for r in data["results"]}
+    if 64 in by_n:
+        r = by_n[64]
+        e2e, inner, floor = r["spark_e2e"]["median_s"], r["spark_inner"]["median_s"], r["numpy_floor"]["median_s"]
+        phases = r["spark_inner"].get("phases_median_s", {})
+        rss = [x["spark_e2e"]["peak_rss_bytes"] for x in data["results"]]
+        lines += [
+            "### Targets at N = 64",
+            "",
+            "| target | measured | met? |",
+            "|---|---|---|",
+            f"| end to end ≤ 30 s (prototype: 200 s on 5 machines) | {e2e:.1f} s ({200 / e2e:.1f}x faster than the "
+            f"prototype) | {'yes' if e2e <= 30 else f'no, {e2e - 30:.1f} s over'} |",
+            f"| Spark aggregation within 2x of the numpy floor | {inner:.1f} s vs {floor:.1f} s = {inner / floor:.2f}x "
+            f"| {'yes' if inner <= 2 * floor else 'no'} |",
+            f"| peak RSS flat in N, ≤ 4x one model ({4 * model_mb / 1e3:.2f} GB) | {min(rss) / 1e9:.2f} to "
+            f"{max(rss) / 1e9:.2f} GB across N | {'yes' if max(rss) <= 4 * data['model_bytes'] else 'no'} |",
+            "",
+            "Where (b)'s time goes at N = 64 (median, seconds): "
+            + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in phases.items())
+            + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["client"], help="run one benchmark")
+    parser.add_argument("--only", choices=["client", "aggregate"], help="run one benchmark")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--n", default="2,4,8,16,32,64", help="aggregation: numbers of updates")
     args = parser.parse_args()
     sections = []
     if args.only in (None, "client"):
         from tests.benchmarks import bench_client
 
         bench_client.main()
+    if args.only in (None, "aggregate"):
+        from tests.benchmarks import bench_aggregate
+
+        bench_aggregate.run(
+            argparse.Namespace(
+                n=[int(x) for x in args.n.split(",")],
+                repeats=args.repeats,
+                data_dir=str(Path(__file__).resolve().parents[2] / "bench-data"),
+                max_memory_gb=12.0,
+            )
+        )
+    aggregate_json = DOCS / "benchmarks" / "aggregate.json"
+    if aggregate_json.exists():
+        sections.append(render_aggregate(json.loads(aggregate_json.read_text())))
     client_json = DOCS / "benchmarks" / "client.json"
     if client_json.exists():
         sections.append(render_client(json.loads(client_json.read_text())))
