@@ -11,10 +11,10 @@ STAMP  := $(VENV)/.fedbucket-installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup java-check spark35-env test lint format demo airflow results bench lock clean
+.PHONY: help setup java-check spark35-env tools-env test lint format demo airflow results package deploy bench lock clean
 
 help:  ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 java-check:  ## check that Java 17+ is on PATH (Spark needs it)
 	@command -v java >/dev/null || { echo "Java 17+ is required for Spark but 'java' is not on PATH. Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless" >&2; exit 1; }
@@ -45,6 +45,19 @@ $(SPARK35_STAMP): constraints.txt client_sdk/pyproject.toml
 	$(SPARK35_VENV)/bin/python -m pip install --quiet pyspark==3.5.8 torch==2.13.0 -e client_sdk -c $(SPARK35_VENV)/constraints.txt
 	@touch $@
 
+# Security and static tools with dependency trees that clash with Airflow's live in their own env.
+TOOLS_VENV  := .tools-venv
+TOOLS_STAMP := $(TOOLS_VENV)/.fedbucket-installed
+
+tools-env: $(TOOLS_STAMP)  ## checkov, in its own env (with Airflow's deps its resolver backtracks for minutes)
+
+$(TOOLS_STAMP): Makefile
+	@command -v terraform >/dev/null || { echo "terraform is required for 'terraform fmt' checks: install Terraform >= 1.5" >&2; exit 1; }
+	@[ -x $(TOOLS_VENV)/bin/python ] || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet checkov==3.3.30
+	@touch $@
+
 lint: setup  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -53,7 +66,7 @@ format: setup  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint spark35-env  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
+test: lint spark35-env tools-env  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
@@ -77,6 +90,29 @@ airflow: setup  ## airflow standalone with the round DAG: http://127.0.0.1:8080 
 results: setup  ## 20 rounds of the DAG with 10 honest non-IID clients vs central training: docs/results.md
 	$(PY) examples/results.py
 
+VERSION = $(shell $(PY) -c "import fedbucket; print(fedbucket.__version__)")+g$(shell git rev-parse --short HEAD)
+ARTIFACTS_DIR = dist/artifacts/$(VERSION)
+
+package: setup  ## build the code Dataproc runs into dist/artifacts/<version>/ (spark_jobs + wheelhouse)
+	rm -rf $(ARTIFACTS_DIR) && mkdir -p $(ARTIFACTS_DIR)/spark_jobs $(ARTIFACTS_DIR)/wheels
+	cp spark_jobs/*.py $(ARTIFACTS_DIR)/spark_jobs/
+	$(PY) -m pip wheel --quiet --no-deps -w $(ARTIFACTS_DIR)/wheels ./client_sdk
+	grep -v '^fedbucket' spark_jobs/requirements-cluster.txt > $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt
+	echo "fedbucket==$$($(PY) -c 'import fedbucket; print(fedbucket.__version__)')" >> $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt
+	$(PY) -m pip download --quiet --only-binary=:all: -d $(ARTIFACTS_DIR)/wheels -c constraints.txt \
+	  -r $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt --find-links $(ARTIFACTS_DIR)/wheels
+	@echo "packaged fedbucket $(VERSION) in $(ARTIFACTS_DIR); upload it with: make deploy ARTIFACTS_BUCKET=gs://<bucket>-artifacts"
+
+deploy: package  ## upload artifacts + DAG to GCP (needs gcloud and credentials; see docs/deploy.md)
+	@[ -n "$(ARTIFACTS_BUCKET)" ] || { echo "set ARTIFACTS_BUCKET=gs://<bucket>-artifacts (terraform output artifacts_root)" >&2; exit 1; }
+	gcloud storage cp --recursive $(ARTIFACTS_DIR)/spark_jobs $(ARTIFACTS_DIR)/wheels $(ARTIFACTS_BUCKET)/fedbucket/$(VERSION)/
+	@[ -z "$(COMPOSER_ENV)" ] || { \
+	  rm -rf dist/composer-plugins && mkdir -p dist/composer-plugins && \
+	  cp -r plugins/fedbucket_airflow client_sdk/src/fedbucket dist/composer-plugins/ && \
+	  gcloud composer environments storage dags import --environment $(COMPOSER_ENV) --location $(REGION) --source dags/ && \
+	  gcloud composer environments storage plugins import --environment $(COMPOSER_ENV) --location $(REGION) \
+	    --source dist/composer-plugins/; }
+
 bench: setup  ## measure speed and memory; writes docs/benchmarks.md and docs/benchmarks/*.json
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)
 
@@ -85,4 +121,4 @@ lock: setup  ## regenerate constraints.txt from the current environment
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^fedbucket'; } > constraints.txt
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) $(SPARK35_VENV) .pytest_cache .ruff_cache demo-output results-output airflow-home
+	rm -rf $(VENV) $(SPARK35_VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache demo-output results-output airflow-home

@@ -18,11 +18,12 @@ See docs/operations.md.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import DAG, Param, TriggerRule
+from airflow.sdk import DAG, Param, TriggerRule, chain
 
 from fedbucket.config import FederationConfig
 from fedbucket.strategies import STRATEGIES
@@ -39,6 +40,56 @@ SPARK_JOBS = Path(os.environ.get("FEDBUCKET_SPARK_JOBS", Path(__file__).resolve(
 config = FederationConfig.load(CONFIG_PATH)  # a small local file: cheap at parse time
 
 ROUND_ID = "{{ ti.xcom_pull(task_ids='publish', key='round_id') }}"
+
+
+def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate_args: list[str]) -> list:
+    """create cluster -> aggregate -> evaluate on an ephemeral Dataproc cluster, deleted as a teardown
+    (a failed job still fails the run, and the cluster is still deleted)."""
+    from airflow.providers.google.cloud.operators.dataproc import (
+        DataprocCreateClusterOperator,
+        DataprocDeleteClusterOperator,
+        DataprocSubmitJobOperator,
+    )
+
+    from fedbucket_airflow.dataproc import pyspark_job
+
+    dataproc = config.dataproc
+    assert dataproc is not None  # the config validates this
+    cluster_config = json.loads((Path(CONFIG_PATH).parent / dataproc.cluster_config).read_text())
+    cluster_name = "{{ ti.xcom_pull(task_ids='publish', key='cluster_name') }}"
+    round_label = "{{ ti.xcom_pull(task_ids='publish', key='round_id') | lower | replace('.', '-') }}"
+    labels = {"app": "fedbucket", "fedbucket-round": round_label, **dataproc.labels}
+    where = {"project_id": dataproc.project_id, "region": dataproc.region}
+    create = DataprocCreateClusterOperator(
+        task_id="create_cluster",
+        cluster_name=cluster_name,
+        cluster_config=cluster_config,
+        labels=labels,
+        use_if_exists=True,  # a clear-and-rerun of the same run reuses its cluster
+        delete_on_error=True,
+        deferrable=True,
+        **where,
+    )
+
+    def job(task_id: str, job_file: str, args: list[str]) -> DataprocSubmitJobOperator:
+        spec = pyspark_job(
+            project_id=dataproc.project_id,
+            cluster_name=cluster_name,
+            artifacts_root=dataproc.artifacts_root,
+            job_file=job_file,
+            args=args,
+            labels=labels,
+        )
+        return DataprocSubmitJobOperator(task_id=task_id, job=spec, deferrable=True, **where)
+
+    # On Dataproc any non-zero exit is a failed job: below quorum exits 0 and the report says so.
+    aggregate = job("aggregate", "aggregate.py", [*aggregate_args, "--below-quorum-exit-code", "0"])
+    evaluate = job("evaluate", "evaluate.py", evaluate_args)
+    delete = DataprocDeleteClusterOperator(
+        task_id="delete_cluster", cluster_name=cluster_name, deferrable=True, **where
+    ).as_teardown(setups=create)
+    evaluate >> delete
+    return [create, aggregate, evaluate]
 
 
 def setting(expression: str) -> str:
@@ -80,25 +131,29 @@ with DAG(
         settings=publish.output["settings"],
         timeout=config.round.deadline_seconds + 3600,
     )
-    spark = {"master": config.aggregation.spark_master, "spark_submit": config.aggregation.spark_submit}
-    aggregate = LocalSparkSubmitOperator(
-        task_id="aggregate",
-        application=str(SPARK_JOBS / "aggregate.py"),
-        application_args=[
-            *("--bucket", config.bucket, "--round", ROUND_ID),
-            *("--strategy", setting("['strategy']")),
-            *("--strategy-options", setting("['strategy_options'] | tojson")),
-            *("--min-clients", setting("['aggregation_quorum']")),
-        ],
-        skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
-        **spark,
-    )
-    evaluate = LocalSparkSubmitOperator(
-        task_id="evaluate",
-        application=str(SPARK_JOBS / "evaluate.py"),
-        application_args=["--bucket", config.bucket, "--round", ROUND_ID],
-        **spark,
-    )
+    aggregate_args = [
+        *("--bucket", config.bucket, "--round", ROUND_ID),
+        *("--strategy", setting("['strategy']")),
+        *("--strategy-options", setting("['strategy_options'] | tojson")),
+        *("--min-clients", setting("['aggregation_quorum']")),
+    ]
+    evaluate_args = ["--bucket", config.bucket, "--round", ROUND_ID]
+    if config.aggregation.engine == "dataproc":
+        spark_steps = dataproc_steps(config, aggregate_args, evaluate_args)
+    else:
+        spark = {"master": config.aggregation.spark_master, "spark_submit": config.aggregation.spark_submit}
+        spark_steps = [
+            LocalSparkSubmitOperator(
+                task_id="aggregate",
+                application=str(SPARK_JOBS / "aggregate.py"),
+                application_args=aggregate_args,
+                skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
+                **spark,
+            ),
+            LocalSparkSubmitOperator(
+                task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
+            ),
+        ]
     promote = PromoteCandidateOperator(
         task_id="promote", bucket=config.bucket, round_id=ROUND_ID, settings=publish.output["settings"]
     )
@@ -109,4 +164,4 @@ with DAG(
         promotion_task_id="promote",
         trigger_rule=TriggerRule.NONE_FAILED,
     )
-    publish >> wait >> aggregate >> evaluate >> promote >> report
+    chain(publish, wait, *spark_steps, promote, report)

@@ -34,12 +34,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
     from fedbucket.evaluation import run_evaluation
+    from fedbucket.federation import read_optional
+    from fedbucket.layout import LAYOUT
+    from fedbucket.schemas import AggregationReport
     from fedbucket.storage import open_store
+
+    store = open_store(args.bucket)
+    aggregation, _ = read_optional(store, LAYOUT.aggregation_report(args.round_id), AggregationReport)
+    if aggregation is not None and aggregation.status == "below_quorum":
+        log.info("round %s is below quorum (no candidate): nothing to evaluate", args.round_id)
+        return 0
 
     spark = spark_session(f"fedbucket-evaluate-{args.round_id}")
     try:
         run_evaluation(
-            open_store(args.bucket),
+            store,
             args.round_id,
             engine=spark_engine(spark.sparkContext),
             rows_per_task=args.rows_per_task,

@@ -27,6 +27,7 @@ from fedbucket.schemas import (
     TrainingConfig,
     utcnow,
 )
+from fedbucket_airflow.dataproc import cluster_name_for
 from fedbucket_airflow.hooks import FederationHook
 from fedbucket_airflow.rounds import effective_settings, round_id_for
 
@@ -65,6 +66,7 @@ class OpenRoundOperator(BaseOperator):
             round_id, task.base_model_version, task.deadline.isoformat(), task.min_clients, task.training,
         )  # fmt: skip
         context["ti"].xcom_push(key="round_id", value=round_id)
+        context["ti"].xcom_push(key="cluster_name", value=cluster_name_for(round_id, dag_run.run_id))
         context["ti"].xcom_push(key="settings", value=settings)
         return {"round_id": round_id, "settings": settings}
 
@@ -153,6 +155,9 @@ class PromoteCandidateOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         store = FederationHook(self.bucket).store
+        aggregation, _ = read_optional(store, LAYOUT.aggregation_report(self.round_id), AggregationReport)
+        if aggregation is not None and aggregation.status == "below_quorum":
+            raise AirflowSkipException(f"round {self.round_id} is below quorum after validation: nothing to promote")
         evaluation, _ = read_document(store, LAYOUT.evaluation_report(self.round_id), EvaluationReport)
         gate = self.settings["gate"]
         passed, message = gate_decision(evaluation, gate["metric"], float(gate["tolerance"]))

@@ -67,6 +67,21 @@ class AggregationSettings(_Section):
     spark_submit: str | None = Field(default=None, description="spark-submit to run (default: next to Python)")
 
 
+class DataprocSettings(_Section):
+    """Where the Spark jobs run when ``aggregation.engine = "dataproc"`` (see docs/deploy.md)."""
+
+    project_id: str = Field(min_length=6, max_length=30)
+    region: str = Field(min_length=3)
+    cluster_config: str = Field(
+        default="dataproc_cluster.json",
+        description="cluster config JSON written from Terraform's output, relative to this config file",
+    )
+    artifacts_root: str = Field(
+        pattern=r"^gs://[^/]+/.+[^/]$", description="gs://<artifacts bucket>/fedbucket/<version>: code the cluster runs"
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class GateSettings(_Section):
     """When a candidate may replace the current model."""
 
@@ -85,9 +100,16 @@ class FederationConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationSettings = AggregationSettings()
     gate: GateSettings = GateSettings()
+    dataproc: DataprocSettings | None = None
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     retries: int = Field(default=2, ge=0, description="Airflow retries of each round step")
     retry_delay_seconds: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> FederationConfig:
+        if self.aggregation.engine == "dataproc" and self.dataproc is None:
+            raise ValueError('aggregation.engine = "dataproc" needs a [dataproc] section')
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> FederationConfig:

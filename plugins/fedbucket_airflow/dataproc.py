@@ -1,0 +1,32 @@
+"""The round's Spark jobs as Dataproc job specs (for the provider's DataprocSubmitJobOperator)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+
+def cluster_name_for(round_id: str, run_id: str) -> str:
+    """A Dataproc cluster name unique to one DAG run of one round (a clear-and-rerun reuses it).
+
+    Dataproc names: lowercase letters, digits and hyphens, starting with a letter, at most 51.
+    """
+    slug = re.sub(r"[^a-z0-9-]+", "-", round_id.lower()).strip("-")[:28]
+    return f"fedbucket-{slug}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+def pyspark_job(
+    *, project_id: str, cluster_name: str, artifacts_root: str, job_file: str, args: list[str], labels: dict[str, str]
+) -> dict[str, Any]:
+    """A Dataproc ``Job`` running one of ``spark_jobs/`` from the versioned artifacts."""
+    return {
+        "reference": {"project_id": project_id},
+        "placement": {"cluster_name": cluster_name},
+        "labels": labels,
+        "pyspark_job": {
+            "main_python_file_uri": f"{artifacts_root}/spark_jobs/{job_file}",
+            "python_file_uris": [f"{artifacts_root}/spark_jobs/_spark.py"],
+            "args": args,
+        },
+    }

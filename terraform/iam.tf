@@ -1,0 +1,96 @@
+# Least privilege, no default compute service account, no primitive roles.
+
+resource "google_service_account" "composer" {
+  account_id   = "${var.name_prefix}-composer"
+  display_name = "fedbucket: Airflow (Composer) running the round DAG"
+}
+
+resource "google_service_account" "dataproc" {
+  account_id   = "${var.name_prefix}-dataproc"
+  display_name = "fedbucket: Dataproc nodes running aggregation and evaluation"
+}
+
+resource "google_service_account" "client" {
+  for_each     = var.clients
+  account_id   = "${var.name_prefix}-c-${each.key}"
+  display_name = "fedbucket client ${each.key}"
+  description  = each.value.description
+}
+
+# --- Composer: runs the DAG, creates and deletes clusters that run as the Dataproc account.
+resource "google_project_iam_member" "composer_worker" {
+  #checkov:skip=CKV_GCP_49:Composer requires roles/composer.worker on the environment's own service account; this account is dedicated to the environment.
+  project = var.project_id
+  role    = "roles/composer.worker"
+  member  = google_service_account.composer.member
+}
+
+resource "google_project_iam_member" "composer_dataproc_editor" {
+  project = var.project_id
+  role    = "roles/dataproc.editor"
+  member  = google_service_account.composer.member
+}
+
+resource "google_service_account_iam_member" "composer_acts_as_dataproc" {
+  service_account_id = google_service_account.dataproc.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = google_service_account.composer.member
+}
+
+resource "google_storage_bucket_iam_member" "composer_federation" {
+  bucket = google_storage_bucket.federation.name
+  role   = "roles/storage.objectUser" # publish rounds, freeze them, promote, write reports
+  member = google_service_account.composer.member
+}
+
+# --- Dataproc nodes: read updates and models, write candidates, state and reports.
+resource "google_project_iam_member" "dataproc_worker" {
+  project = var.project_id
+  role    = "roles/dataproc.worker"
+  member  = google_service_account.dataproc.member
+}
+
+resource "google_storage_bucket_iam_member" "dataproc_federation" {
+  bucket = google_storage_bucket.federation.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.dataproc.member
+}
+
+resource "google_storage_bucket_iam_member" "dataproc_artifacts" {
+  bucket = google_storage_bucket.artifacts.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.dataproc.member
+}
+
+# --- Clients: write (and replace) only under updates/<client>/, read only what they need.
+# IAM conditions on object names; none of these grants storage.objects.list on the bucket, so a
+# client can neither list the bucket nor read another client's update.
+resource "google_storage_bucket_iam_member" "client_own_updates" {
+  for_each = var.clients
+  bucket   = google_storage_bucket.federation.name
+  role     = "roles/storage.objectUser"
+  member   = google_service_account.client[each.key].member
+
+  condition {
+    title       = "own-updates-${each.key}"
+    description = "Create, replace and read objects under updates/${each.key}/ only."
+    expression  = "resource.name.startsWith(\"${local.objects_root}updates/${each.key}/\")"
+  }
+}
+
+resource "google_storage_bucket_iam_member" "client_read_round" {
+  for_each = var.clients
+  bucket   = google_storage_bucket.federation.name
+  role     = "roles/storage.objectViewer"
+  member   = google_service_account.client[each.key].member
+
+  condition {
+    title       = "read-models-and-tasks-${each.key}"
+    description = "Read promoted models, the two pointers and round tasks; nothing else."
+    expression = join(" || ", [
+      "resource.name.startsWith(\"${local.objects_root}models/\")",
+      "resource.name == \"${local.objects_root}rounds/current.json\"",
+      "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/task.json\"))",
+    ])
+  }
+}
