@@ -1,4 +1,4 @@
-"""What both fedbucket Spark jobs share: the session and the engine (one Spark task per item).
+"""What both fedbucket Spark jobs share: the session and the engine that maps work over executors.
 
 Uses only SparkContext ``parallelize``/``map``/``collect``, which behave the same on Spark 3.5
 (Dataproc 2.2/2.3 images) and Spark 4.

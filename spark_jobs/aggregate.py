@@ -7,10 +7,10 @@ Runs unchanged on Spark 3.5 (Dataproc 2.2/2.3 images) and Spark 4: it uses only 
 ``parallelize``/``map``/``collect``. Objects are read with fedbucket's own store inside the
 executors (the Python GCS client for gs://), so no Hadoop GCS connector is needed.
 
-Two Spark stages, one task per item:
-1. validate every update the round closed with (one task per update, streaming, in executors);
-2. aggregate shard by shard (one task per (tensor, element range) shard: every accepted update's
-   slice is read and combined on the executor; only the result slice goes to the driver).
+Two Spark stages (a few tasks per core, each working through a run of items):
+1. validate every update the round closed with (streaming, in the executors);
+2. aggregate shard by shard ((tensor, element range) shards: every accepted update's slice is read
+   and combined on the executor; only the finished slice goes to the driver).
 
 Exit status: 0 candidate written; 3 below quorum (report written, no candidate); 2 bad arguments;
 1 any other failure.
@@ -34,6 +34,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BELOW_QUORUM = 0, 1, 2, 3
 log = logging.getLogger("fedbucket.aggregate")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aggregate.py",
@@ -47,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strategy-options", default="{}", help="JSON object of strategy options, e.g. '{\"clip_norm\": 5.0}'"
     )
-    parser.add_argument("--min-clients", type=int, default=None, help="quorum (default: the round task's)")
-    parser.add_argument("--shard-elements", type=int, default=None, help="elements per shard (default: auto)")
+    parser.add_argument("--min-clients", type=positive, default=None, help="quorum (default: the round task's)")
+    parser.add_argument("--shard-elements", type=positive, default=None, help="elements per shard (default: auto)")
     parser.add_argument(
         "--below-quorum-exit-code",
         type=int,

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bucket", required=True, help="federation URL: gs://bucket/prefix or file:///dir")
     parser.add_argument("--round", required=True, dest="round_id", help="round id")
     parser.add_argument("--rows-per-task", type=int, default=4096, help="hold-out rows per Spark task")
-    parser.add_argument("--num-classes", type=int, default=10, help="number of labels")
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="number of labels (default: from the hold-out labels)"
+    )
     return parser
 
 

@@ -89,7 +89,10 @@ def _pickle_payload() -> bytes:
 
 
 def _header_only(header: dict) -> bytes:
-    raw = json.dumps(header).encode()
+    return _header_only_raw(json.dumps(header).encode())
+
+
+def _header_only_raw(raw: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -105,6 +108,11 @@ HOSTILE_PAYLOADS = {
         lambda: _header_only({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}) + b"\0",
         MalformedPayload,
     ),
+    "dtype not a string": (
+        lambda: _header_only({"x": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}) + b"\0" * 4,
+        MalformedPayload,
+    ),
+    "deeply nested header": (lambda: _header_only_raw(b"[" * 100000 + b"]" * 100000), MalformedPayload),
     "wrong shape": (
         lambda: tensors_to_bytes(delta() | {"layer.weight": np.zeros((5, 7), np.float32)}),
         SchemaMismatch,
@@ -170,6 +178,9 @@ def test_invalid_manifest_documents(store, open_task):
     with pytest.raises(InvalidManifest, match="schema_version 99 is not supported"):
         validate_update(store, open_task, name)
     store.put_bytes(name, b"\x80\x04not json")
+    with pytest.raises(InvalidManifest, match="not valid JSON"):
+        validate_update(store, open_task, name)
+    store.put_bytes(name, b"[" * 30000 + b"]" * 30000)  # would overflow the JSON parser's recursion
     with pytest.raises(InvalidManifest, match="not valid JSON"):
         validate_update(store, open_task, name)
 

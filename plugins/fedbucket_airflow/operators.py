@@ -25,6 +25,7 @@ from fedbucket.schemas import (
     RoundReport,
     RoundTask,
     TrainingConfig,
+    UpdateVerdict,
     utcnow,
 )
 from fedbucket_airflow.dataproc import cluster_name_for
@@ -101,6 +102,12 @@ class LocalSparkSubmitOperator(BaseOperator):
         self.master = master
         self.spark_submit = spark_submit
         self.skip_exit_codes = tuple(skip_exit_codes)
+        self._process: subprocess.Popen[str] | None = None
+
+    def on_kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self.log.info("stopping spark-submit (pid %d)", self._process.pid)
+            self._process.terminate()
 
     def execute(self, context: Context) -> None:
         spark_submit = self.spark_submit or str(Path(sys.executable).parent / "spark-submit")
@@ -118,6 +125,7 @@ class LocalSparkSubmitOperator(BaseOperator):
         with subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as process:
+            self._process = process
             assert process.stdout is not None
             for line in process.stdout:
                 self.log.info("%s", line.rstrip())
@@ -205,7 +213,22 @@ def build_round_report(store: Any, round_id: str, promotion: dict[str, Any] | No
     evaluation, _ = read_optional(store, LAYOUT.evaluation_report(round_id), EvaluationReport)
     candidate, _ = read_optional(store, LAYOUT.candidate_manifest(round_id), ModelManifest)
     published, _ = read_optional(store, LAYOUT.model_manifest(round_id), ModelManifest)
-    updates = list(aggregation.updates) if aggregation else (list(closing.late) if closing else [])
+    if aggregation is not None:
+        updates = list(aggregation.updates)
+    elif closing is not None:  # abandoned at the close: the on-time updates were never validated
+        updates = [
+            UpdateVerdict(
+                client_id=u.manifest.client_id,
+                accepted=False,
+                code="not_aggregated",
+                reason="the round closed below its quorum; the update was not validated or used",
+                num_examples=u.manifest.num_examples,
+                committed_at=u.committed_at,
+            )
+            for u in closing.updates
+        ] + list(closing.late)
+    else:
+        updates = []
     metrics: dict[str, Any] = {}
     if evaluation is not None:
         metrics = {"candidate": evaluation.candidate.model_dump(), "current": evaluation.current.model_dump()}

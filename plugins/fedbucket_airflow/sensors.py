@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context
@@ -60,9 +61,15 @@ class RoundQuorumSensor(BaseSensorOperator):
             "round %s: %d update(s) on time, %d late; deferring until %d arrive or %s",
             self.round_id, on_time, late, settings.min_clients, task.deadline.isoformat(),
         )  # fmt: skip
+        reached = now.isoformat() if on_time >= settings.min_clients else None
+        close_by = task.deadline + timedelta(seconds=settings.settle_seconds)
         self.defer(
-            trigger=RoundQuorumTrigger(bucket=self.bucket, round_id=self.round_id, settings=self.settings["round"]),
+            trigger=RoundQuorumTrigger(
+                bucket=self.bucket, round_id=self.round_id, settings=self.settings["round"], quorum_reached_at=reached
+            ),
             method_name="execute_complete",
+            # the trigger fires by the deadline at the latest; this only catches a stuck triggerer
+            timeout=max(timedelta(0), close_by - now) + timedelta(minutes=30),
         )
         raise AssertionError("defer() returns only by raising")  # pragma: no cover
 

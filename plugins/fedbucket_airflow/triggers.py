@@ -13,13 +13,13 @@ from fedbucket.config import RoundSettings
 from fedbucket.federation import collect_round_updates, read_document
 from fedbucket.layout import LAYOUT
 from fedbucket.schemas import RoundTask, utcnow
-from fedbucket.storage import open_store
+from fedbucket.storage import cached_store
 from fedbucket_airflow.rounds import wait_decision
 
 
 def count_updates(bucket: str, round_id: str) -> tuple[RoundTask, int, int]:
     """``(task, on_time, late)`` for the round as it stands (manifests only; cheap)."""
-    store = open_store(bucket)
+    store = cached_store(bucket)  # one client for the triggerer's lifetime, not one per poll
     task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
     on_time, late = collect_round_updates(store, task)
     return task, len(on_time), len(late)
@@ -29,7 +29,8 @@ class RoundQuorumTrigger(BaseTrigger):
     """Polls the bucket every ``poll_seconds`` and fires once :func:`wait_decision` says so.
 
     Events: ``{"status": "done", "reason": ..., "on_time": n, "late": m}`` or
-    ``{"status": "error", "message": ...}``. Blocking storage calls run in a thread so the
+    ``{"status": "error", "message": ...}``. ``quorum_reached_at`` (ISO time) carries the start of
+    the grace period over from the sensor's first look. Blocking storage calls run in a thread so the
     triggerer's event loop stays free for other triggers.
     """
 

@@ -31,7 +31,7 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
-from fedbucket.errors import ObjectNotFound, UpdateRejected
+from fedbucket.errors import MalformedPayload, ObjectNotFound, StorageError, UpdateRejected
 from fedbucket.federation import collect_round_updates, read_document, read_optional, write_document
 from fedbucket.layout import LAYOUT, BucketLayout
 from fedbucket.schemas import (
@@ -240,9 +240,11 @@ def state_tensor_name(state_name: str, tensor: str) -> str:
     return f"{state_name}/{tensor}"
 
 
-def _write_header(out: BinaryIO, entries: Iterable[tuple[str, str, Sequence[int]]]) -> None:
+def _write_header(
+    out: BinaryIO, entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors header for ``(name, dtype, shape)`` entries laid out in that order."""
-    header: dict[str, object] = {}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
@@ -275,15 +277,18 @@ def write_candidate(path: str | os.PathLike[str], base_header: Header, shard_out
 
 
 def write_state(
-    path: str | os.PathLike[str],
-    base_header: Header,
-    state_names: Sequence[str],
-    shard_states: Sequence[dict[str, bytes]],
+    path: str | os.PathLike[str], base_header: Header, strategy: Strategy, shard_states: Sequence[dict[str, bytes]]
 ) -> None:
-    """Server-optimiser state: for each state name, every float tensor in file order, float32."""
+    """Server-optimiser state: for each state name, every float tensor in file order, float32.
+    The strategy's name is in the file's metadata, so another strategy never reuses it."""
     floats = [t for t in base_header.in_file_order() if t.dtype in FLOAT_DTYPES]
+    state_names = strategy.state_names
     with open(path, "wb") as out:
-        _write_header(out, ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in state_names for t in floats))
+        _write_header(
+            out,
+            ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in state_names for t in floats),
+            metadata={"strategy": strategy.name},
+        )
         for state_name in state_names:
             for shard_state in shard_states:
                 out.write(shard_state[state_name])
@@ -295,8 +300,9 @@ def write_state(
 T = TypeVar("T")
 R = TypeVar("R")
 Engine = Callable[[Callable[[T], R], Sequence[T]], list[R]]
-"""Runs ``func`` over ``items`` (one task per item) and returns the results in item order.
-The Spark job passes a Spark engine; :func:`serial_engine` runs in-process."""
+"""Runs ``func`` over ``items`` and returns the results in item order. The Spark jobs pass a Spark
+engine (a few tasks per core, each working through a run of items); :func:`serial_engine` runs
+in-process."""
 
 
 def serial_engine(func: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -310,13 +316,16 @@ class _Validated:
     l2_norm: float = 0.0
 
 
-def _validate_closed(store_url: str, task: RoundTask, closed: ClosedUpdate) -> _Validated:
+def _validate_closed(store_url: str, task: RoundTask, exact_norm: bool, closed: ClosedUpdate) -> _Validated:
     store = cached_store(store_url)
     client_id = closed.manifest.client_id
     try:
-        update = validate_manifest(store, task, closed.manifest, closed.committed_at)
+        update = validate_manifest(store, task, closed.manifest, closed.committed_at, exact_norm=exact_norm)
     except UpdateRejected as exc:
         return _Validated(rejection_verdict(client_id, exc, closed.committed_at), None)
+    except StorageError as exc:  # the client deleted or replaced its payload under us
+        error = MalformedPayload(f"payload could not be read consistently: {exc}")
+        return _Validated(rejection_verdict(client_id, error, closed.committed_at), None)
     source = UpdateSource(
         client_id=client_id,
         payload_name=update.payload_name,
@@ -360,7 +369,8 @@ def run_aggregation(
     closing = round_inputs(store, task, layout=layout)
     updates = sorted(closing.updates, key=lambda u: u.manifest.client_id)
     log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
-    validated = engine(functools.partial(_validate_closed, store.url, task), updates)
+    exact_norm = strategy.clip_norm is not None  # the norm scales the update: compute it deterministically
+    validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
     accepted = [v for v in validated if v.source is not None]
     total_examples = sum(v.verdict.num_examples for v in accepted)
     sources = tuple(
@@ -372,10 +382,7 @@ def run_aggregation(
         for v in accepted
         if v.source is not None
     )
-    verdicts = [
-        v.verdict.model_copy(update={"weight": s.weight}) if v.source else v.verdict
-        for v, s in zip(accepted, sources, strict=True)
-    ]
+    verdicts = [v.verdict.model_copy(update={"weight": s.weight}) for v, s in zip(accepted, sources, strict=True)]
     verdicts += [v.verdict for v in validated if v.source is None] + list(closing.late)
     verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
     validate_seconds = time.perf_counter() - started
@@ -445,7 +452,7 @@ def run_aggregation(
         write_document(store, layout.candidate_manifest(round_id), manifest)
         if strategy.state_names:
             state_file = Path(tmp) / "state.safetensors"
-            write_state(state_file, base_header, strategy.state_names, [state for _, _, state in results])
+            write_state(state_file, base_header, strategy, [state for _, _, state in results])
             store.upload_file(layout.strategy_state(round_id), state_file)
     write_seconds = time.perf_counter() - t0
     report.status = "aggregated"
@@ -488,8 +495,9 @@ def _previous_state(
         for t, spec in base.tensors.items()
         if spec.dtype in FLOAT_DTYPES
     }
-    if not wanted <= set(header.tensors):
-        return None, {}, f"; fresh optimiser state (round {base.round_id} saved another strategy's state)"
+    if header.metadata.get("strategy") != strategy.name or not wanted <= set(header.tensors):
+        saved = header.metadata.get("strategy", "another strategy")
+        return None, {}, f"; fresh optimiser state (round {base.round_id} saved {saved}'s state)"
     return (
         name,
         {n: TensorLayout.of(t) for n, t in header.tensors.items()},

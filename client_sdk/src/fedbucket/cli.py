@@ -172,6 +172,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedbucket.simulation import SimulationConfig, simulate
 
+    if args.clients < 1 or args.rounds < 1 or args.alpha <= 0 or not 0 <= args.dropout <= 1:
+        raise _UsageError("need --clients >= 1, --rounds >= 1, --alpha > 0 and 0 <= --dropout <= 1")
     if not args.bucket:
         raise _UsageError("--bucket is required (or set FEDBUCKET_BUCKET)")
     config = SimulationConfig(
@@ -189,10 +191,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     try:
-        config.roles()
-    except ValueError as exc:
+        summary = simulate(config)
+    except ValueError as exc:  # impossible roles or partitions (e.g. more clients than examples)
         raise _UsageError(str(exc)) from None
-    summary = simulate(config)
     return EXIT_OK if summary.counts().get("error", 0) == 0 else EXIT_ERROR
 
 
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "init",
         "Initialise a federation (server side): initial model from the config, hold-out split, empty rounds.",
-        "fedbucket init --config examples/federation.toml",
+        "fedbucket init --config dags/federation.toml",
     )
     p.add_argument("--config", required=True, help="federation config (TOML)")
     p.add_argument("--bucket", default=None, help="override the config's bucket URL")

@@ -27,9 +27,11 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from fedbucket.errors import (
     ChecksumMismatch,
+    InvalidManifest,
     PreconditionFailed,
     RoundNotOpen,
     SchemaMismatch,
@@ -79,20 +81,24 @@ def upload_update(
         summary = check_payload(
             fp, size, schema=task.tensors, max_bytes=task.max_update_bytes, max_norm=task.max_update_norm
         )
+    try:  # built (and so checked) before anything is uploaded
+        manifest = UpdateManifest(
+            client_id=client_id,
+            round_id=task.round_id,
+            base_model_version=task.base_model_version,
+            num_examples=num_examples,
+            metrics=dict(metrics or {}),
+            sha256=summary.sha256,
+            size_bytes=size,
+            created_at=utcnow(),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidManifest(f"cannot describe this update: {problems}") from None
     payload_name = layout.update_payload(client_id, task.round_id, summary.sha256)
     # A content-addressed name that already exists holds these very bytes: nothing to upload.
     with contextlib.suppress(PreconditionFailed):
         store.upload_file(payload_name, payload_path, if_generation_match=0, progress=progress)
-    manifest = UpdateManifest(
-        client_id=client_id,
-        round_id=task.round_id,
-        base_model_version=task.base_model_version,
-        num_examples=num_examples,
-        metrics=dict(metrics or {}),
-        sha256=summary.sha256,
-        size_bytes=size,
-        created_at=utcnow(),
-    )
     store.put_bytes(layout.update_manifest(client_id, task.round_id), manifest.to_json_bytes())
     return manifest
 

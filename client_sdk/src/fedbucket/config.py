@@ -1,6 +1,6 @@
 """A federation's settings: one TOML file read by ``fedbucket init``, the DAG and the jobs.
 
-Example (``examples/federation.toml`` is a complete one)::
+Example (``dags/federation.toml`` is a complete one)::
 
     bucket = "file:///tmp/fedbucket-demo"
     model = { name = "mlp", kwargs = { hidden = 64 } }

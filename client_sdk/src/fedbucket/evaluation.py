@@ -77,8 +77,12 @@ def evaluate_rows(plan: _EvalPlan, rows: tuple[int, int]) -> dict[str, tuple[np.
             logits = _load_model(plan.store_url, name, generation, spec)(x)
             losses = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y.copy()), reduction="none")
             predicted = logits.argmax(dim=1).numpy()
+            if logits.shape[1] > plan.num_classes or (y.size and y.max() >= plan.num_classes):
+                raise ValueError(
+                    f"model {name} has {logits.shape[1]} outputs; hold-out labels need {plan.num_classes} classes"
+                )
             confusion = np.zeros((plan.num_classes, plan.num_classes), dtype=np.int64)
-            np.add.at(confusion, (y, np.clip(predicted, 0, plan.num_classes - 1)), 1)
+            np.add.at(confusion, (y, predicted), 1)
             out[label] = (confusion, float(losses.double().sum().item()))
     return out
 
@@ -144,7 +148,7 @@ def run_evaluation(
     *,
     engine: Engine = serial_engine,
     rows_per_task: int = DEFAULT_ROWS_PER_TASK,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     layout: BucketLayout = LAYOUT,
     log: Callable[[str], None] = lambda message: None,
 ) -> EvaluationReport:
@@ -162,6 +166,12 @@ def run_evaluation(
         ("current", layout.model_payload(base.version), base),
     ):
         models.append((label, name, store.stat(name).generation, manifest.model.model_dump_json()))
+    if num_classes is None:  # from the labels themselves (a few bytes per example)
+        holdout = store.stat(layout.holdout)
+        with store.open_reader(layout.holdout, generation=holdout.generation) as fp:
+            y = read_header(fp, holdout.size).tensors["y"]
+        labels = np.frombuffer(store.read_range(layout.holdout, y.start, y.end), dtype=np.int64)
+        num_classes = int(labels.max()) + 1 if labels.size else 1
     plan, rows = _holdout_plan(store, models, num_classes, layout)
     ranges = [(start, min(start + rows_per_task, rows)) for start in range(0, rows, rows_per_task)]
     log(f"evaluating candidate {candidate.version} and base {base.version} on {rows} examples in {len(ranges)} task(s)")

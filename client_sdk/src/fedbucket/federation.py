@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedbucket.config import FederationConfig
-from fedbucket.errors import ObjectNotFound, PreconditionFailed, RoundNotOpen, UpdateRejected
+from fedbucket.errors import ObjectNotFound, PreconditionFailed, UpdateRejected
 from fedbucket.layout import LAYOUT, BucketLayout
 from fedbucket.schemas import (
     ClosedUpdate,
@@ -97,8 +97,8 @@ def publish_model_file(
         if existing.sha256 != manifest.sha256:
             raise PreconditionFailed(f"model version {version!r} already exists with other bytes ({existing.sha256})")
         return existing
-    if not store.exists(layout.model_payload(version)):
-        store.upload_file(layout.model_payload(version), path, if_generation_match=0)
+    # No manifest yet means not published: a payload left by a crashed attempt is replaced.
+    store.upload_file(layout.model_payload(version), path)
     write_document(store, layout.model_manifest(version), manifest, if_generation_match=0)
     return manifest
 
@@ -198,15 +198,6 @@ def _point_round_forward(store: ObjectStore, task: RoundTask, *, layout: BucketL
     write_document(
         store, layout.current_round, RoundPointer(round_id=task.round_id, status="open"), if_generation_match=generation
     )
-
-
-def current_round(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> RoundTask:
-    """The task of the round currently open; :class:`RoundNotOpen` if there is none."""
-    pointer, _ = read_optional(store, layout.current_round, RoundPointer)
-    if pointer is None or pointer.status != "open":
-        raise RoundNotOpen("no round is open in this federation right now")
-    task, _ = read_document(store, layout.round_task(pointer.round_id), RoundTask)
-    return task
 
 
 def close_round(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> None:

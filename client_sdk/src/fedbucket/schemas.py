@@ -88,8 +88,8 @@ def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "doc
         raise SchemaError(f"{source}: {len(raw)} bytes is larger than {MAX_DOCUMENT_BYTES} allowed")
     try:
         data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"{source}: not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SchemaError(f"{source}: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise SchemaError(f"{source}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
@@ -235,8 +235,8 @@ class RoundClosing(Document):
     """``rounds/<round>/closing.json``: the updates a round closed with, frozen.
 
     Written once when the wait ends; aggregation reads the updates named here (payloads are
-    content-addressed and create-only), so re-running a round later reproduces it byte for byte
-    even if clients write to their prefixes again.
+    content-addressed), so re-running a round later reproduces it byte for byte even if clients
+    submit again, as long as the named payloads are still there (a changed one fails its sha256).
     """
 
     kind: ClassVar[str] = "round-closing"

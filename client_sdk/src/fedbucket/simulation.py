@@ -233,6 +233,12 @@ def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
+    reported = {r.client_id for r in summary.results}
+    for p in processes:  # a client process that died without reporting is an error too
+        if p.exitcode not in (0, None) or p.name not in reported:
+            failed = ClientRoundResult(p.name, "-", roles[p.name], "error", detail=f"process exited {p.exitcode}")
+            summary.results.append(failed)
+            echo(failed.line())
     echo(summary.text())
     return summary
 

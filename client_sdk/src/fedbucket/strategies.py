@@ -71,11 +71,6 @@ class Strategy:
             return 1.0
         return self.clip_norm / l2_norm
 
-    @staticmethod
-    def normalised_weights(num_examples: np.ndarray) -> np.ndarray:
-        weights = np.asarray(num_examples, dtype=np.float64)
-        return weights / weights.sum()
-
     # -- per slice ------------------------------------------------------------------------------
 
     def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ def parse_header(prefix: bytes, file_size: int) -> Header:
     raw = prefix[8 : 8 + n]
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise MalformedPayload("safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise MalformedPayload("safetensors header is not a JSON object")
@@ -106,14 +106,16 @@ def parse_header(prefix: bytes, file_size: int) -> Header:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise MalformedPayload(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in NUMPY_DTYPES:
+        if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
             raise MalformedPayload(f"tensor {name!r}: dtype {dtype!r} not allowed (allowed: {sorted(NUMPY_DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+        ):
             raise MalformedPayload(f"tensor {name!r}: shape must be a list of non-negative integers")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise MalformedPayload(

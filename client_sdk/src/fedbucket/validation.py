@@ -95,15 +95,16 @@ def _read_into(fp: BinaryIO, view: memoryview) -> int:
     return filled
 
 
-def _sum_of_squares(values: np.ndarray, tensor: str) -> float:
+def _sum_of_squares(values: np.ndarray, tensor: str, *, exact: bool) -> float:
     """Sum of squares of one chunk, raising :class:`NonFiniteValues` on NaN or infinity.
 
-    One BLAS dot in the values' own precision answers both questions in the common case: NaN or
-    infinity anywhere makes it non-finite. Only then (or for half precision) is the chunk checked
-    element-wise and summed in float64, which tells a real NaN from finite values whose squares
-    overflow float32.
+    Fast path (``exact=False``): one BLAS dot in the values' own precision answers both questions:
+    NaN or infinity anywhere makes it non-finite. Its rounding may depend on the CPU's kernel, so
+    when the norm decides something (a norm limit, clipping) it is summed in float64 instead
+    (``exact=True``). Non-finite fast results are re-checked element-wise, which tells a real NaN
+    from finite values whose squares overflow float32.
     """
-    if values.dtype != np.float16:
+    if not exact and values.dtype != np.float16:
         total = float(np.dot(values, values))
         if math.isfinite(total):
             return total
@@ -137,8 +138,14 @@ def check_payload(
     max_bytes: int,
     expected_sha256: str | None = None,
     max_norm: float | None = None,
+    exact_norm: bool = False,
 ) -> PayloadSummary:
-    """Validate one safetensors payload read sequentially from ``fp`` (``size`` bytes long)."""
+    """Validate one safetensors payload read sequentially from ``fp`` (``size`` bytes long).
+
+    ``exact_norm`` sums squares in float64 (deterministic on every CPU); it is implied by
+    ``max_norm``. Otherwise the reported norm is a float32-accumulated estimate.
+    """
+    exact_norm = exact_norm or max_norm is not None
     if size > max_bytes:
         raise UpdateTooLarge(f"payload is {size} bytes; this round accepts at most {max_bytes}")
     header = read_header(fp, size)
@@ -160,7 +167,8 @@ def check_payload(
             data = buffer[:got]
             hasher.update(data)
             if info.dtype in FLOAT_DTYPES:
-                sum_squares += _sum_of_squares(np.frombuffer(data, dtype=info.np_dtype), info.name)
+                values = np.frombuffer(data, dtype=info.np_dtype)
+                sum_squares += _sum_of_squares(values, info.name, exact=exact_norm)
     if fp.read(1):
         raise MalformedPayload("payload is longer than its header says")
     digest = hasher.hexdigest()
@@ -182,7 +190,13 @@ def read_update_manifest(
     info = store.stat(manifest_name)
     if info.size > MAX_MANIFEST_BYTES:
         raise InvalidManifest(f"manifest is {info.size} bytes; at most {MAX_MANIFEST_BYTES} allowed")
-    raw, _ = store.get_bytes(manifest_name)
+    raw, generation = store.get_bytes(manifest_name)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise InvalidManifest(f"manifest is {len(raw)} bytes; at most {MAX_MANIFEST_BYTES} allowed")
+    if generation != info.generation:  # replaced between stat and read: take the commit time of what we read
+        info = store.stat(manifest_name)
+        if info.generation != generation:
+            raise InvalidManifest("manifest kept changing while being read; the client is rewriting it")
     try:
         manifest = parse_document(UpdateManifest, raw, source=manifest_name)
     except SchemaError as exc:
@@ -209,9 +223,13 @@ def validate_manifest(
     manifest: UpdateManifest,
     committed_at: datetime,
     *,
+    exact_norm: bool = False,
     layout: BucketLayout = LAYOUT,
 ) -> ValidatedUpdate:
-    """Every check after the manifest was read (and its ids matched its path)."""
+    """Every check after the manifest was read (and its ids matched its path).
+
+    ``exact_norm``: compute the L2 norm in float64 (needed when it scales the update: clipping).
+    """
     if manifest.round_id != task.round_id:
         raise InvalidIdentifier(f"update is for round {manifest.round_id!r}, not {task.round_id!r}")
     if manifest.base_model_version != task.base_model_version:
@@ -238,6 +256,7 @@ def validate_manifest(
             max_bytes=task.max_update_bytes,
             expected_sha256=manifest.sha256,
             max_norm=task.max_update_norm,
+            exact_norm=exact_norm,
         )
     return ValidatedUpdate(
         client_id=manifest.client_id,
