@@ -191,6 +191,7 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace, seconds:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xs = [i + 1 for i, r in enumerate(rows) if r["accuracy"] is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -200,6 +201,7 @@ def write_report(out: Path, rows: list[dict], args: argparse.Namespace, seconds:
     for i, r in enumerate(rows):
         if r["promoted"]:
             ax.axvline(i + 1, color="green", alpha=0.08)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1)
