@@ -79,7 +79,7 @@ FEDBUCKET_CONFIG ?= $(abspath dags/federation.toml)
 airflow: setup  ## airflow standalone with the round DAG: http://127.0.0.1:8080 (Ctrl-C stops it)
 	$(BIN)/fedbucket init --config $(FEDBUCKET_CONFIG)
 	@echo "Airflow UI: http://127.0.0.1:8080  (local login: every user is admin; see docs/operations.md)"
-	@echo "Trigger a round: DAG fedbucket_round > Trigger; clients: .venv/bin/fedbucket simulate --bucket <bucket in $(FEDBUCKET_CONFIG)>"
+	@echo "The DAG starts paused: unpause fedbucket_round, then Trigger (with parameters); clients: .venv/bin/fedbucket simulate --bucket <bucket in $(FEDBUCKET_CONFIG)>"
 	PATH="$(abspath $(BIN)):$$PATH" AIRFLOW_HOME=$(AIRFLOW_LOCAL_HOME) FEDBUCKET_CONFIG=$(FEDBUCKET_CONFIG) \
 	  AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__DAGS_FOLDER=$(abspath dags) \
 	  AIRFLOW__CORE__PLUGINS_FOLDER=$(abspath plugins) PYTHONPATH=$(abspath plugins) \
