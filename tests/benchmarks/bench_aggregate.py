@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     if approach == "spark_e2e":
                         command = [
-                            spark_submit, "--master", "local[*]", "--driver-memory", "1g",
+                            spark_submit, "--master", "local[*]", "--driver-memory", "2g",
                             "--conf", "spark.ui.enabled=false",
                             str(REPO / "spark_jobs" / "aggregate.py"), "--bucket", root.as_uri(), "--round", ROUND,
                         ]  # fmt: skip
