@@ -141,7 +141,11 @@ with DAG(
     if config.aggregation.engine == "dataproc":
         spark_steps = dataproc_steps(config, aggregate_args, evaluate_args)
     else:
-        spark = {"master": config.aggregation.spark_master, "spark_submit": config.aggregation.spark_submit}
+        spark = {
+            "master": config.aggregation.spark_master,
+            "driver_memory": config.aggregation.spark_driver_memory,
+            "spark_submit": config.aggregation.spark_submit,
+        }
         spark_steps = [
             LocalSparkSubmitOperator(
                 task_id="aggregate",

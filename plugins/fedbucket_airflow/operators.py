@@ -81,6 +81,7 @@ class LocalSparkSubmitOperator(BaseOperator):
     :param application: path of the PySpark job.
     :param application_args: its arguments (templated).
     :param master: Spark master URL.
+    :param driver_memory: the driver's heap (the candidate's slices are collected there).
     :param spark_submit: the spark-submit to run (default: the one next to this Python).
     """
 
@@ -92,6 +93,7 @@ class LocalSparkSubmitOperator(BaseOperator):
         application: str,
         application_args: list[str],
         master: str = "local[*]",
+        driver_memory: str = "2g",
         spark_submit: str | None = None,
         skip_exit_codes: Sequence[int] = (),
         **kwargs: Any,
@@ -100,6 +102,7 @@ class LocalSparkSubmitOperator(BaseOperator):
         self.application = application
         self.application_args = application_args
         self.master = master
+        self.driver_memory = driver_memory
         self.spark_submit = spark_submit
         self.skip_exit_codes = tuple(skip_exit_codes)
         self._process: subprocess.Popen[str] | None = None
@@ -112,7 +115,8 @@ class LocalSparkSubmitOperator(BaseOperator):
     def execute(self, context: Context) -> None:
         spark_submit = self.spark_submit or str(Path(sys.executable).parent / "spark-submit")
         command = [
-            spark_submit, "--master", self.master, "--conf", "spark.ui.showConsoleProgress=false",
+            spark_submit, "--master", self.master, "--driver-memory", self.driver_memory,
+            "--conf", "spark.ui.showConsoleProgress=false",
             self.application, *map(str, self.application_args),
         ]  # fmt: skip
         env = {

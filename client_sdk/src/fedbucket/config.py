@@ -64,6 +64,9 @@ class AggregationSettings(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
     engine: Literal["local", "dataproc"] = "local"
     spark_master: str = "local[*]"
+    spark_driver_memory: str = Field(
+        default="2g", pattern=r"^[0-9]+[mg]$", description="driver heap; 2g holds a DistilBERT-sized candidate"
+    )
     spark_submit: str | None = Field(default=None, description="spark-submit to run (default: next to Python)")
 
 
