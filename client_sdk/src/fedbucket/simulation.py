@@ -213,21 +213,21 @@ def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -
         p.start()
     summary = SimulationSummary()
     expected = config.clients * config.rounds
+
+    def take(timeout: float) -> bool:
+        try:
+            result = results.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        summary.results.append(result)
+        echo(result.line())
+        return True
+
     try:
         while len(summary.results) < expected and any(p.is_alive() for p in processes):
-            try:
-                result = results.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            summary.results.append(result)
-            echo(result.line())
-        while True:  # drain what finished processes left behind
-            try:
-                result = results.get(timeout=0.2)
-            except queue.Empty:
-                break
-            summary.results.append(result)
-            echo(result.line())
+            take(1.0)
+        while take(0.2):  # drain what finished processes left behind
+            pass
     finally:
         for p in processes:
             p.join(timeout=5)
