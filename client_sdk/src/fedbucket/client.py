@@ -40,7 +40,7 @@ from fedbucket.errors import (
 )
 from fedbucket.federation import read_document, read_optional, sha256_file
 from fedbucket.layout import LAYOUT, BucketLayout, check_identifier
-from fedbucket.schemas import ModelManifest, RoundPointer, RoundTask, UpdateManifest, utcnow
+from fedbucket.schemas import ModelManifest, RoundPointer, RoundTask, UpdateManifest, describe_validation_error, utcnow
 from fedbucket.storage import ObjectStore, ProgressCallback, open_store
 from fedbucket.tensors import NUMPY_DTYPES, load_tensors, save_tensors
 from fedbucket.validation import check_payload
@@ -93,8 +93,7 @@ def upload_update(
             created_at=utcnow(),
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidManifest(f"cannot describe this update: {problems}") from None
+        raise InvalidManifest(f"cannot describe this update: {describe_validation_error(exc)}") from None
     payload_name = layout.update_payload(client_id, task.round_id, summary.sha256)
     # A content-addressed name that already exists holds these very bytes: nothing to upload.
     with contextlib.suppress(PreconditionFailed):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedbucket.errors import SchemaError
-from fedbucket.schemas import ModelSpec, TrainingConfig
+from fedbucket.schemas import ModelSpec, TrainingConfig, describe_validation_error
 
 
 class _Section(BaseModel):
@@ -124,5 +124,4 @@ class FederationConfig(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise SchemaError(f"{path}: {problems}") from None
+            raise SchemaError(f"{path}: {describe_validation_error(exc)}") from None

@@ -105,10 +105,12 @@ def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "doc
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise SchemaError(f"{source}: {problems}") from None
+        raise SchemaError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line a user can act on: ``field.path: message; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
 
 
 class ModelSpec(BaseModel):
