@@ -58,9 +58,10 @@ $(TOOLS_STAMP): Makefile
 	$(TOOLS_VENV)/bin/python -m pip install --quiet checkov==3.3.30
 	@touch $@
 
-lint: setup  ## ruff check + format check
+lint: setup  ## ruff check + format check + the package's import layering (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd client_sdk/src && ../../$(BIN)/lint-imports ../../pyproject.toml --no-cache
 
 format: setup  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -8,10 +8,12 @@ One run of this DAG is one federated round:
    quorum at the deadline the round is *abandoned* and the next three steps are skipped;
 3. **aggregate** the frozen updates with the Spark job (`spark_jobs/aggregate.py`);
 4. **evaluate** candidate and base model on the held-out split (`spark_jobs/evaluate.py`);
-5. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`);
-6. **report**: `rounds/<round>/report.json` and a summary in the task log.
+5. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`):
+   *success* = the pointer moved (and the current-model Asset gets an event), *skipped* = it did not;
+6. **report** (a teardown: it runs even when a step failed): `rounds/<round>/report.json` and a
+   summary in the task log.
 
-Trigger a round by hand with parameters:
+Trigger a round by hand with parameters (unknown keys and invalid values fail the publish step):
 `airflow dags trigger fedbucket_round --conf '{"min_clients": 5, "strategy": "fedadam"}'`.
 See docs/operations.md.
 """
@@ -23,23 +25,28 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import DAG, Param, TriggerRule, chain
+from airflow.sdk import DAG, chain
 
-from fedbucket.config import FederationConfig
-from fedbucket.strategies import STRATEGIES
+from fedbucket.server.config import FederationConfig
+from fedbucket_airflow.dataproc import cluster_name_for
 from fedbucket_airflow.operators import (
     LocalSparkSubmitOperator,
     OpenRoundOperator,
     PromoteCandidateOperator,
     RoundReportOperator,
+    current_model_asset,
 )
+from fedbucket_airflow.params import run_params
 from fedbucket_airflow.sensors import RoundQuorumSensor
 
 CONFIG_PATH = os.environ.get("FEDBUCKET_CONFIG", str(Path(__file__).with_name("federation.toml")))
 SPARK_JOBS = Path(os.environ.get("FEDBUCKET_SPARK_JOBS", Path(__file__).resolve().parents[1] / "spark_jobs"))
 config = FederationConfig.load(CONFIG_PATH)  # a small local file: cheap at parse time
 
-ROUND_ID = "{{ ti.xcom_pull(task_ids='publish', key='round_id') }}"
+
+def run_setting(expression: str) -> str:
+    """A template for a value of the run's settings (the publish step's one XCom)."""
+    return "{{ ti.xcom_pull(task_ids='publish')" + expression + " }}"
 
 
 def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate_args: list[str]) -> list:
@@ -51,16 +58,16 @@ def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate
         DataprocSubmitJobOperator,
     )
 
-    from fedbucket_airflow.dataproc import pyspark_job
+    from fedbucket_airflow.dataproc import cluster_name_template, pyspark_job
 
     dataproc = config.dataproc
     assert dataproc is not None  # the config validates this
     cluster_config = json.loads((Path(CONFIG_PATH).parent / dataproc.cluster_config).read_text())
-    cluster_name = "{{ ti.xcom_pull(task_ids='publish', key='cluster_name') }}"
-    round_label = "{{ ti.xcom_pull(task_ids='publish', key='round_id') | lower | replace('.', '-') }}"
+    cluster_name = cluster_name_template()
+    round_label = run_setting("['round_id'] | lower | replace('.', '-')")
     labels = {"app": "fedbucket", "fedbucket-round": round_label, **dataproc.labels}
     where = {"project_id": dataproc.project_id, "region": dataproc.region}
-    create = DataprocCreateClusterOperator(
+    create_cluster = DataprocCreateClusterOperator(
         task_id="create_cluster",
         cluster_name=cluster_name,
         cluster_config=cluster_config,
@@ -85,16 +92,11 @@ def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate
     # On Dataproc any non-zero exit is a failed job: below quorum exits 0 and the report says so.
     aggregate = job("aggregate", "aggregate.py", [*aggregate_args, "--below-quorum-exit-code", "0"])
     evaluate = job("evaluate", "evaluate.py", evaluate_args)
-    delete = DataprocDeleteClusterOperator(
+    delete_cluster = DataprocDeleteClusterOperator(
         task_id="delete_cluster", cluster_name=cluster_name, deferrable=True, **where
-    ).as_teardown(setups=create)
-    evaluate >> delete
-    return [create, aggregate, evaluate]
-
-
-def setting(expression: str) -> str:
-    """A template for a value of the round's effective settings, pushed by the publish step."""
-    return "{{ ti.xcom_pull(task_ids='publish', key='settings')" + expression + " }}"
+    ).as_teardown(setups=create_cluster)
+    evaluate >> delete_cluster
+    return [create_cluster, aggregate, evaluate]
 
 
 with DAG(
@@ -105,39 +107,26 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # rounds are sequential: each builds on the model the previous one promoted
     default_args={"retries": config.retries, "retry_delay": timedelta(seconds=config.retry_delay_seconds)},
-    params={
-        "round_id": Param(None, type=["null", "string"], description="round id (default: from the run's date)"),
-        "deadline_seconds": Param(config.round.deadline_seconds, type="number", exclusiveMinimum=0),
-        "min_clients": Param(config.round.min_clients, type="integer", minimum=1),
-        "max_clients": Param(config.round.max_clients, type=["null", "integer"], minimum=1),
-        "min_clients_at_deadline": Param(config.round.min_clients_at_deadline, type=["null", "integer"], minimum=1),
-        "grace_seconds": Param(config.round.grace_seconds, type="number", minimum=0),
-        "strategy": Param(config.aggregation.strategy, type="string", enum=sorted(STRATEGIES)),
-        "strategy_options": Param(config.aggregation.options, type="object"),
-        "local_epochs": Param(config.training.local_epochs, type="integer", minimum=1),
-        "batch_size": Param(config.training.batch_size, type="integer", minimum=1),
-        "learning_rate": Param(config.training.learning_rate, type="number", exclusiveMinimum=0),
-        "proximal_mu": Param(config.training.proximal_mu, type="number", minimum=0),
-        "gate_tolerance": Param(config.gate.tolerance, type="number", minimum=0),
-    },
+    params=run_params(config),
+    user_defined_macros={"cluster_name_for": cluster_name_for},
     doc_md=__doc__,
     tags=["fedbucket", "federated-learning"],
 ) as dag:
     publish = OpenRoundOperator(task_id="publish", config_path=CONFIG_PATH)
-    wait = RoundQuorumSensor(
+    settings = publish.output  # the run's RunSettings: the one document every later step parses
+    wait_for_updates = RoundQuorumSensor(
         task_id="wait_for_updates",
-        bucket=config.bucket,
-        round_id=publish.output["round_id"],
-        settings=publish.output["settings"],
+        settings=settings,
+        poke_interval=config.round.poll_seconds,
         timeout=config.round.deadline_seconds + 3600,
     )
     aggregate_args = [
-        *("--bucket", config.bucket, "--round", ROUND_ID),
-        *("--strategy", setting("['strategy']")),
-        *("--strategy-options", setting("['strategy_options'] | tojson")),
-        *("--min-clients", setting("['aggregation_quorum']")),
+        *("--bucket", config.bucket, "--round", run_setting("['round_id']")),
+        *("--strategy", run_setting("['aggregation']['strategy']")),
+        *("--strategy-options", run_setting("['aggregation']['options'] | tojson")),
+        *("--min-clients", run_setting("['aggregation_quorum']")),
     ]
-    evaluate_args = ["--bucket", config.bucket, "--round", ROUND_ID]
+    evaluate_args = ["--bucket", config.bucket, "--round", run_setting("['round_id']")]
     if config.aggregation.engine == "dataproc":
         spark_steps = dataproc_steps(config, aggregate_args, evaluate_args)
     else:
@@ -146,26 +135,19 @@ with DAG(
             "driver_memory": config.aggregation.spark_driver_memory,
             "spark_submit": config.aggregation.spark_submit,
         }
-        spark_steps = [
-            LocalSparkSubmitOperator(
-                task_id="aggregate",
-                application=str(SPARK_JOBS / "aggregate.py"),
-                application_args=aggregate_args,
-                skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
-                **spark,
-            ),
-            LocalSparkSubmitOperator(
-                task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
-            ),
-        ]
+        aggregate = LocalSparkSubmitOperator(
+            task_id="aggregate",
+            application=str(SPARK_JOBS / "aggregate.py"),
+            application_args=aggregate_args,
+            skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
+            **spark,
+        )
+        evaluate = LocalSparkSubmitOperator(
+            task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
+        )
+        spark_steps = [aggregate, evaluate]
     promote = PromoteCandidateOperator(
-        task_id="promote", bucket=config.bucket, round_id=ROUND_ID, settings=publish.output["settings"]
+        task_id="promote", settings=settings, outlets=[current_model_asset(config.bucket)]
     )
-    report = RoundReportOperator(
-        task_id="report",
-        bucket=config.bucket,
-        round_id=ROUND_ID,
-        promotion_task_id="promote",
-        trigger_rule=TriggerRule.NONE_FAILED,
-    )
-    chain(publish, wait, *spark_steps, promote, report)
+    report = RoundReportOperator(task_id="report", settings=settings).as_teardown(setups=publish)
+    chain(publish, wait_for_updates, *spark_steps, promote, report)

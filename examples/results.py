@@ -20,10 +20,10 @@ DOCS = REPO / "docs"
 
 def centralised(epochs: int, seed: int = 0) -> list[float]:
     """Held-out accuracy after each epoch of central training on all training data."""
-    from fedbucket.datasets import digits
-    from fedbucket.pytorch import evaluate, train_local
-    from fedbucket.schemas import ModelSpec, TrainingConfig
-    from fedbucket.zoo import build_model
+    from fedbucket.protocol.documents import ModelSpec, TrainingConfig
+    from fedbucket.sim.datasets import digits
+    from fedbucket.torch.training import evaluate, train_local
+    from fedbucket.torch.zoo import build_model
 
     train, holdout = digits(seed=seed)
     model = build_model(ModelSpec(name="mlp", kwargs={"hidden": 64}), seed=seed)

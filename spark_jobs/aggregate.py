@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
-    from fedbucket.aggregation import run_aggregation
-    from fedbucket.storage import open_store
-    from fedbucket.strategies import build_strategy
+    from fedbucket.protocol.storage import open_store
+    from fedbucket.server.aggregation import run_aggregation
+    from fedbucket.server.strategies import build_strategy
 
     try:
         options = json.loads(args.strategy_options)

@@ -35,11 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
-    from fedbucket.evaluation import run_evaluation
-    from fedbucket.federation import read_optional
-    from fedbucket.layout import LAYOUT
-    from fedbucket.schemas import AggregationReport
-    from fedbucket.storage import open_store
+    from fedbucket.protocol.documents import AggregationReport, read_optional
+    from fedbucket.protocol.layout import LAYOUT
+    from fedbucket.protocol.storage import open_store
+    from fedbucket.server.evaluation import run_evaluation
 
     store = open_store(args.bucket)
     aggregation, _ = read_optional(store, LAYOUT.aggregation_report(args.round_id), AggregationReport)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from fedbucket import ModelSpec, ObjectStore, TrainingConfig, open_store
-from fedbucket.federation import open_round, publish_model, set_current_model
-from fedbucket.schemas import RoundTask, utcnow
-from fedbucket.testing import FakeGCSServer
+from fedbucket.protocol.documents import RoundTask, utcnow
+from fedbucket.server.rounds import open_round, publish_model, set_current_model
+from fedbucket.sim.emulator import FakeGCSServer
 
 TEST_BUCKET = "fedbucket-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> ObjectStore:
-    return open_store(store_url)
+    return open_store(store_url, create=True)
 
 
 def tiny_model(seed: int = 0) -> dict[str, np.ndarray]:

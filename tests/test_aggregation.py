@@ -12,22 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_SPEC
 from scipy import stats
 
+from conftest import TINY_SPEC
 from fedbucket import LAYOUT, ObjectStore, TrainingConfig, tensors_to_bytes
-from fedbucket.aggregation import run_aggregation
 from fedbucket.client import upload_update
-from fedbucket.federation import (
-    freeze_round,
-    open_round,
-    promote_candidate,
-    publish_model,
-    read_document,
-    set_current_model,
-)
-from fedbucket.schemas import AggregationReport, ModelManifest, utcnow
-from fedbucket.strategies import STRATEGIES, build_strategy
+from fedbucket.protocol.documents import AggregationReport, ModelManifest, read_document, utcnow
+from fedbucket.server.aggregation import run_aggregation
+from fedbucket.server.promotion import promote_candidate
+from fedbucket.server.rounds import freeze_round, open_round, publish_model, set_current_model
+from fedbucket.server.strategies import STRATEGIES, build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 ODD_SHAPES = {"w": (7, 13), "b": (13,), "s": (), "conv": (3, 2, 5, 1), "count": ()}
@@ -146,7 +140,7 @@ def test_strategy_matches_reference_over_two_rounds(tmp_path, name, options):
     """Two rounds, the first candidate promoted, so stateful strategies carry their moments."""
     from fedbucket import open_store
 
-    store = open_store((tmp_path / "bucket").as_uri())
+    store = open_store((tmp_path / "bucket").as_uri(), create=True)
     base = random_model(0)
     state: dict = {}
     for round_no, round_id in enumerate(("r1", "r2")):
@@ -168,7 +162,7 @@ def test_bit_identical_whatever_the_sharding(tmp_path):
 
     results = set()
     for shard_elements in (1, 5, 37, 1000, None):
-        store = open_store((tmp_path / f"b{shard_elements}").as_uri())
+        store = open_store((tmp_path / f"b{shard_elements}").as_uri(), create=True)
         setup_round(store, tmp_path, *client_deltas(4))
         run_aggregation(store, "r1", build_strategy("fedadam"), shard_elements=shard_elements)
         results.add(store.get_bytes(LAYOUT.candidate_payload("r1"))[0])
@@ -178,14 +172,14 @@ def test_bit_identical_whatever_the_sharding(tmp_path):
 
 def test_rejected_updates_do_not_change_the_result(tmp_path):
     from fedbucket import open_store
-    from fedbucket.simulation import _hostile_payload, _write_raw_update
+    from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
 
     deltas, examples = client_deltas(3)
-    clean = open_store((tmp_path / "clean").as_uri())
+    clean = open_store((tmp_path / "clean").as_uri(), create=True)
     setup_round(clean, tmp_path, deltas, examples)
     run_aggregation(clean, "r1", build_strategy("fedavg"))
 
-    dirty = open_store((tmp_path / "dirty").as_uri())
+    dirty = open_store((tmp_path / "dirty").as_uri(), create=True)
     task = setup_round(dirty, tmp_path, deltas, examples)
     rng = np.random.default_rng(0)
     for attack in ("nan", "wrong_shape", "pickle", "truncated"):
@@ -217,7 +211,7 @@ def test_robust_strategies_resist_a_poisoned_update(tmp_path):
     base = random_model(0)
 
     def shift(name, options):
-        store = open_store((tmp_path / f"{name}-{len(options)}").as_uri())
+        store = open_store((tmp_path / f"{name}-{len(options)}").as_uri(), create=True)
         setup_round(store, tmp_path, deltas, examples)
         run_aggregation(store, "r1", build_strategy(name, options))
         got = candidate(store)
@@ -232,7 +226,7 @@ def test_robust_strategies_resist_a_poisoned_update(tmp_path):
 def test_below_quorum_writes_a_report_and_no_candidate(tmp_path):
     from fedbucket import open_store
 
-    store = open_store((tmp_path / "b").as_uri())
+    store = open_store((tmp_path / "b").as_uri(), create=True)
     deltas, examples = client_deltas(2)
     setup_round(store, tmp_path, deltas, examples)
     report = run_aggregation(store, "r1", build_strategy("fedavg"), min_clients=3)
@@ -246,7 +240,7 @@ def test_frozen_closing_decides_what_is_aggregated(tmp_path):
     """Updates committed after the round was frozen are not aggregated, even if on time."""
     from fedbucket import open_store
 
-    store = open_store((tmp_path / "b").as_uri())
+    store = open_store((tmp_path / "b").as_uri(), create=True)
     deltas, examples = client_deltas(3)
     task = setup_round(store, tmp_path, {k: deltas[k] for k in ("c0", "c1")}, examples)
     freeze_round(store, task, reason="quorum", closed_at=utcnow())
@@ -260,7 +254,7 @@ def test_frozen_closing_decides_what_is_aggregated(tmp_path):
 def test_late_updates_are_reported_not_aggregated(tmp_path):
     from fedbucket import open_store
 
-    store = open_store((tmp_path / "b").as_uri())
+    store = open_store((tmp_path / "b").as_uri(), create=True)
     deltas, examples = client_deltas(3)
     task = setup_round(store, tmp_path, deltas, examples)
     # move the deadline before the commits: every update is now late except none

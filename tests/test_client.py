@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SPEC, tiny_model
 
+from conftest import TINY_SPEC, tiny_model
 from fedbucket import (
     LAYOUT,
     Client,
@@ -28,12 +28,12 @@ from fedbucket import (
     validate_update,
 )
 from fedbucket.cli import EXIT_NO_ROUND, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, main
-from fedbucket.datasets import digits
-from fedbucket.federation import close_round, open_round, publish_model, set_current_model
-from fedbucket.pytorch import load_global_weights, state_dict_to_numpy, train_local
-from fedbucket.schemas import ModelSpec, utcnow
-from fedbucket.tensors import save_tensors
-from fedbucket.zoo import build_model
+from fedbucket.protocol.documents import ModelSpec, utcnow
+from fedbucket.protocol.tensors import save_tensors
+from fedbucket.server.rounds import close_round, open_round, publish_model, set_current_model
+from fedbucket.sim.datasets import digits
+from fedbucket.torch.training import load_global_weights, state_dict_to_numpy, train_local
+from fedbucket.torch.zoo import build_model
 
 
 def trained_from(base: dict[str, np.ndarray], seed: int = 5) -> dict[str, np.ndarray]:

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 
 from fedbucket import LAYOUT, Client, ObjectStore, open_store
-from fedbucket.config import FederationConfig
-from fedbucket.federation import current_model, init_federation, read_document
-from fedbucket.pytorch import load_global_weights, train_local
-from fedbucket.schemas import ModelManifest, RoundClosing, RoundReport, utcnow
-from fedbucket.simulation import _hostile_payload, _write_raw_update
-from fedbucket.zoo import build_model
+from fedbucket.protocol.documents import ModelManifest, RoundClosing, RoundReport, read_document, utcnow
+from fedbucket.server.config import FederationConfig
+from fedbucket.server.initialise import init_federation
+from fedbucket.server.rounds import current_model
+from fedbucket.sim.datasets import digits_holdout
+from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
+from fedbucket.torch.training import load_global_weights, train_local
+from fedbucket.torch.zoo import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.airflow, pytest.mark.spark]
@@ -76,7 +78,7 @@ class Clients:
     """Clients in threads: wait for the round, train for real (PyTorch MLP on digits), submit."""
 
     def __init__(self, store_url: str, cache: Path, behaviours: dict[str, str]) -> None:
-        from fedbucket.datasets import digits, partition
+        from fedbucket.sim.datasets import digits, partition
 
         self.store_url, self.cache, self.behaviours = store_url, cache, behaviours
         self.train, _ = digits()
@@ -113,7 +115,7 @@ class Clients:
                 if behaviour == "late":
                     time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 0.5)
                     from fedbucket.client import compute_delta, upload_update
-                    from fedbucket.tensors import save_tensors
+                    from fedbucket.protocol.tensors import save_tensors
 
                     path = self.cache / f"{client_id}-late.safetensors"
                     save_tensors(compute_delta(model.state_dict(), client.fetch_model(task, as_numpy=True)), path)
@@ -126,9 +128,9 @@ class Clients:
 
 @pytest.fixture
 def federation(store_url: str, tmp_path: Path, airflow_home: Path) -> tuple[ObjectStore, str]:
-    store = open_store(store_url)
+    store = open_store(store_url, create=True)
     config = FederationConfig(bucket=store_url, model={"name": "mlp", "kwargs": {"hidden": 32}})
-    init_federation(store, config)
+    init_federation(store, config, holdout=digits_holdout())
     return store, store_url
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedbucket import LAYOUT, RoundPointer, SchemaError, UnsupportedSchemaVersion, UpdateManifest, parse_document
-from fedbucket.schemas import ALL_DOCUMENTS, document_class
+from fedbucket.protocol.documents import ALL_DOCUMENTS, document_class
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 

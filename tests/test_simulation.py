@@ -6,13 +6,13 @@ import threading
 import time
 
 from fedbucket import TrainingConfig, UpdateRejected, validate_update
-from fedbucket.datasets import digits, partition
-from fedbucket.federation import open_round, publish_model, set_current_model
-from fedbucket.pytorch import state_dict_to_numpy
-from fedbucket.schemas import ModelSpec, utcnow
-from fedbucket.simulation import SimulationConfig, simulate
-from fedbucket.validation import list_update_manifests
-from fedbucket.zoo import build_model
+from fedbucket.protocol.documents import ModelSpec, utcnow
+from fedbucket.protocol.validation import list_update_manifests
+from fedbucket.server.rounds import open_round, publish_model, set_current_model
+from fedbucket.sim.datasets import digits, partition
+from fedbucket.sim.simulation import SimulationConfig, simulate
+from fedbucket.torch.training import state_dict_to_numpy
+from fedbucket.torch.zoo import build_model
 
 # The first round also covers six client processes importing torch on two cores.
 DEADLINE_SECONDS = {"sim-1": 20, "sim-2": 10}

@@ -12,11 +12,12 @@ import pytest
 from test_aggregation import setup_round
 
 from fedbucket import LAYOUT, open_store
-from fedbucket.aggregation import run_aggregation
-from fedbucket.config import FederationConfig
-from fedbucket.federation import init_federation, read_document
-from fedbucket.schemas import AggregationReport, EvaluationReport
-from fedbucket.strategies import build_strategy
+from fedbucket.protocol.documents import AggregationReport, EvaluationReport, read_document
+from fedbucket.server.aggregation import run_aggregation
+from fedbucket.server.config import FederationConfig
+from fedbucket.server.initialise import init_federation
+from fedbucket.server.strategies import build_strategy
+from fedbucket.sim.datasets import digits_holdout
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK35 = REPO / ".venv-spark35" / "bin"
@@ -37,10 +38,14 @@ def test_jobs_run_on_spark_35_with_the_same_results(tmp_path):
         [str(SPARK35 / "python"), "-c", "import pyspark; print(pyspark.__version__)"], capture_output=True, text=True
     )
     assert version.stdout.startswith("3.5."), version.stdout + version.stderr
-    store = open_store((tmp_path / "bucket").as_uri())
-    init_federation(store, FederationConfig(bucket=store.url, model={"name": "mlp", "kwargs": {"hidden": 8}}))
+    store = open_store((tmp_path / "bucket").as_uri(), create=True)
+    init_federation(
+        store,
+        FederationConfig(bucket=store.url, model={"name": "mlp", "kwargs": {"hidden": 8}}),
+        holdout=digits_holdout(),
+    )
     # Updates shaped like the federation's MLP, so that evaluate.py can score the candidate.
-    from fedbucket.tensors import load_tensors
+    from fedbucket.protocol.tensors import load_tensors
 
     base_path = tmp_path / "base.safetensors"
     store.download_file(LAYOUT.model_payload("init"), base_path)

@@ -9,12 +9,12 @@ import tracemalloc
 import pytest
 
 from fedbucket import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, open_store
-from fedbucket.storage import FileStore, GCSStore
+from fedbucket.protocol.storage import FileStore, GCSStore
 
 
 def test_open_store_by_url(tmp_path, gcs_server):
     assert isinstance(open_store(tmp_path.as_uri()), FileStore)
-    assert isinstance(open_store(str(tmp_path / "plain")), FileStore)
+    assert isinstance(open_store(str(tmp_path / "plain"), create=True), FileStore)
     assert isinstance(open_store("gs://fedbucket-test/x"), GCSStore)
     with pytest.raises(StorageError, match="unsupported storage scheme"):
         open_store("s3://bucket/x")

@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from conftest import tiny_model
 
+from conftest import tiny_model
 from fedbucket import (
     LAYOUT,
     ChecksumMismatch,
@@ -32,9 +32,9 @@ from fedbucket import (
     validate_update,
 )
 from fedbucket.client import upload_update
-from fedbucket.schemas import utcnow
-from fedbucket.tensors import MAX_HEADER_BYTES
-from fedbucket.validation import list_update_manifests
+from fedbucket.protocol.documents import utcnow
+from fedbucket.protocol.tensors import MAX_HEADER_BYTES
+from fedbucket.protocol.validation import list_update_manifests
 
 
 def delta(seed: int = 1, scale: float = 0.01) -> dict[str, np.ndarray]:
@@ -65,7 +65,7 @@ def test_valid_update_is_accepted_with_its_norm(store, open_task, tmp_path):
     tensors = delta()
     path.write_bytes(tensors_to_bytes(tensors))
     manifest = upload_update(store, open_task, "hospital-a", path, num_examples=42, metrics={"loss": 0.5})
-    names = list_update_manifests(store, open_task.round_id)
+    names = list_update_manifests(store, open_task.round_id).names
     assert names == ["updates/hospital-a/r1/manifest.json"]
     update = validate_update(store, open_task, names[0])
     assert update.client_id == "hospital-a" and update.manifest.num_examples == 42

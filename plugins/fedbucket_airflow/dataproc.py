@@ -16,6 +16,12 @@ def cluster_name_for(round_id: str, run_id: str) -> str:
     return f"fedbucket-{slug}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
+def cluster_name_template() -> str:
+    """The cluster name as a template: :func:`cluster_name_for` of the run's round id and run id
+    (the DAG registers it as a user-defined macro)."""
+    return "{{ cluster_name_for(ti.xcom_pull(task_ids='publish')['round_id'], run_id) }}"
+
+
 def pyspark_job(
     *, project_id: str, cluster_name: str, artifacts_root: str, job_file: str, args: list[str], labels: dict[str, str]
 ) -> dict[str, Any]:

@@ -1,8 +1,8 @@
-"""Operators: one step of a federated round each."""
+"""Operators: one step of a federated round each. The logic lives in :mod:`fedbucket.server`;
+these classes hold arguments, talk to Airflow and sequence the calls."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -10,73 +10,86 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk import Asset, BaseOperator, Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from fedbucket.config import FederationConfig
-from fedbucket.errors import PreconditionFailed
-from fedbucket.federation import open_round, promote_candidate, read_document, read_optional, write_document
-from fedbucket.layout import LAYOUT
-from fedbucket.schemas import (
+from fedbucket.protocol.documents import (
     AggregationReport,
     EvaluationReport,
     ModelManifest,
-    RoundClosing,
-    RoundReport,
-    RoundTask,
-    TrainingConfig,
-    UpdateVerdict,
+    read_document,
+    read_optional,
     utcnow,
+    write_document,
 )
-from fedbucket_airflow.dataproc import cluster_name_for
+from fedbucket.protocol.errors import ConfigError, PreconditionFailed
+from fedbucket.protocol.layout import LAYOUT
+from fedbucket.server.config import FederationConfig, RunSettings
+from fedbucket.server.promotion import gate_decision, promote_candidate
+from fedbucket.server.report import build_round_report, summary_lines
+from fedbucket.server.rounds import open_round, round_id_for
 from fedbucket_airflow.hooks import FederationHook
-from fedbucket_airflow.rounds import effective_settings, round_id_for
+
+
+def current_model_asset(bucket: str) -> Asset:
+    """The Airflow Asset of a federation's current model: promotion emits an event on it, so a
+    downstream DAG (export, serving, a canary) can be scheduled on new models."""
+    return Asset(name=f"fedbucket-current-model:{bucket}", uri=f"{bucket.rstrip('/')}/{LAYOUT.current_model}")
 
 
 class OpenRoundOperator(BaseOperator):
-    """Publish the round task (base = current model) and point ``rounds/current.json`` at it.
+    """Resolve the run's settings, publish the round task (base = current model) and point
+    ``rounds/current.json`` at it.
 
-    Idempotent: a re-run finds the task written by the first run and changes nothing; the round
-    pointer never moves back to an older round. Returns ``{"round_id", "settings"}`` for the
-    downstream steps (settings = the config overridden by the run's params).
+    Bad run parameters fail here, before any client works, and are not retried: an unknown
+    ``--conf`` key, an invalid value, strategy options the strategy does not take. Idempotent: a
+    re-run finds the task written by the first run and changes nothing; the round pointer never
+    moves back to an older round. Returns the :class:`~fedbucket.server.config.RunSettings` as
+    JSON: the one document every later step parses.
     """
 
-    def __init__(self, *, config_path: str, **kwargs: Any) -> None:
+    def __init__(self, *, config_path: str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config_path = config_path
+        self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        config = FederationConfig.load(self.config_path)
         dag_run = context["dag_run"]
         params = dict(context["params"])
-        round_id = round_id_for(dag_run.logical_date, dag_run.run_after, params.get("round_id"))
-        settings = effective_settings(config, params)
-        store = FederationHook(settings["bucket"]).store
+        try:
+            config = FederationConfig.load(self.config_path)
+            round_id = round_id_for(dag_run.logical_date, dag_run.run_after, params.get("round_id"))
+            overrides = {**params, **(dag_run.conf or {})}  # conf keys without a Param are caught here
+            run = RunSettings.resolve(config, round_id, overrides)
+        except ConfigError as exc:
+            raise AirflowFailException(f"invalid run parameters: {exc}") from None
+        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
         task = open_round(
             store,
-            round_id=round_id,
+            round_id=run.round_id,
             opened_at=utcnow(),
-            deadline_seconds=settings["round"]["deadline_seconds"],
-            training=TrainingConfig.model_validate(settings["training"]),
-            min_clients=settings["round"]["min_clients"],
-            max_clients=settings["round"]["max_clients"],
-            max_update_norm=settings["round"]["max_update_norm"],
+            deadline_seconds=run.round.deadline_seconds,
+            training=run.training,
+            min_clients=run.round.min_clients,
+            max_clients=run.round.max_clients,
+            max_update_norm=run.round.max_update_norm,
+            max_examples_per_update=run.round.max_examples_per_update,
         )
         self.log.info(
-            "round %s open: base model %s, deadline %s, quorum %d, training %s",
-            round_id, task.base_model_version, task.deadline.isoformat(), task.min_clients, task.training,
+            "round %s open: base model %s, deadline %s, quorum %d, strategy %s %s, training %s",
+            run.round_id, task.base_model_version, task.deadline.isoformat(), task.min_clients,
+            run.aggregation.strategy, run.aggregation.options, task.training,
         )  # fmt: skip
-        context["ti"].xcom_push(key="round_id", value=round_id)
-        context["ti"].xcom_push(key="cluster_name", value=cluster_name_for(round_id, dag_run.run_id))
-        context["ti"].xcom_push(key="settings", value=settings)
-        return {"round_id": round_id, "settings": settings}
+        return run.model_dump(mode="json")
 
 
 class LocalSparkSubmitOperator(BaseOperator):
     """Run a fedbucket Spark job with ``spark-submit`` on this machine (``local[*]`` by default).
 
     The job's output goes to the task log line by line. Exit codes in ``skip_exit_codes`` skip the
-    task (the aggregation job exits 3 when a round is below quorum); any other non-zero exit fails it.
+    task (the aggregation job exits 3 when a round is below quorum); those in ``fail_exit_codes``
+    fail it without retries (2: a usage error, which no retry can fix); any other non-zero exit
+    fails it with the DAG's retries.
 
     :param application: path of the PySpark job.
     :param application_args: its arguments (templated).
@@ -96,6 +109,7 @@ class LocalSparkSubmitOperator(BaseOperator):
         driver_memory: str = "2g",
         spark_submit: str | None = None,
         skip_exit_codes: Sequence[int] = (),
+        fail_exit_codes: Sequence[int] = (2,),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,6 +119,7 @@ class LocalSparkSubmitOperator(BaseOperator):
         self.driver_memory = driver_memory
         self.spark_submit = spark_submit
         self.skip_exit_codes = tuple(skip_exit_codes)
+        self.fail_exit_codes = tuple(fail_exit_codes)
         self._process: subprocess.Popen[str] | None = None
 
     def on_kill(self) -> None:
@@ -133,153 +148,88 @@ class LocalSparkSubmitOperator(BaseOperator):
             assert process.stdout is not None
             for line in process.stdout:
                 self.log.info("%s", line.rstrip())
+        name = Path(self.application).name
         if process.returncode in self.skip_exit_codes:
-            raise AirflowSkipException(f"{Path(self.application).name} exited {process.returncode}: skipping")
+            raise AirflowSkipException(f"{name} exited {process.returncode}: skipping")
+        if process.returncode in self.fail_exit_codes:
+            raise AirflowFailException(f"{name} refused its arguments (exit {process.returncode}); not retrying")
         if process.returncode != 0:
-            raise AirflowException(f"{Path(self.application).name} failed with exit code {process.returncode}")
-
-
-def gate_decision(evaluation: EvaluationReport, metric: str, tolerance: float) -> tuple[bool, str]:
-    """Whether the candidate may replace the current model, and why (deterministic text)."""
-    candidate, current = evaluation.candidate, evaluation.current
-    if not candidate.finite or not all(math.isfinite(getattr(candidate, m)) for m in ("accuracy", "macro_f1")):
-        return False, "candidate metrics are not finite"
-    new, old = getattr(candidate, metric), getattr(current, metric)
-    passed = new <= old + tolerance if metric == "loss" else new >= old - tolerance
-    relation = "within" if passed else "outside"
-    return passed, f"candidate {metric} {new:.4f} vs current {old:.4f}: {relation} the tolerance {tolerance:g}"
+            raise AirflowException(f"{name} failed with exit code {process.returncode}")
 
 
 class PromoteCandidateOperator(BaseOperator):
-    """Apply the gate to the evaluation and, if it passes, promote the candidate (compare-and-swap).
+    """Apply the gate to the evaluation and, if it passes, promote the candidate.
 
-    Returns ``{"promoted": bool, "message": str}``. A candidate built on a model that is no longer
-    current (a re-run of an old round) is never promoted over the newer model.
+    The task's state is the round's outcome where an operator looks: *success* means the model
+    pointer moved to this round's candidate (and an event is emitted on the federation's
+    current-model Asset, with the version and metrics as extra); *skipped* means it did not (the
+    gate refused, the round was below quorum, or another model became current first — the log
+    and the round report say which). A storage failure fails the task (and is retried).
+
+    :param settings: the run's settings from the publish step (templated).
     """
 
-    template_fields: Sequence[str] = ("round_id", "settings")
+    template_fields: Sequence[str] = ("settings",)
 
-    def __init__(self, *, bucket: str, round_id: str, settings: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, settings: dict[str, Any] | str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.bucket = bucket
-        self.round_id = round_id
         self.settings = settings
+        self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        store = FederationHook(self.bucket).store
-        aggregation, _ = read_optional(store, LAYOUT.aggregation_report(self.round_id), AggregationReport)
+        run = RunSettings.model_validate(self.settings)
+        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        aggregation, _ = read_optional(store, LAYOUT.aggregation_report(run.round_id), AggregationReport)
         if aggregation is not None and aggregation.status == "below_quorum":
-            raise AirflowSkipException(f"round {self.round_id} is below quorum after validation: nothing to promote")
-        evaluation, _ = read_document(store, LAYOUT.evaluation_report(self.round_id), EvaluationReport)
-        gate = self.settings["gate"]
-        passed, message = gate_decision(evaluation, gate["metric"], float(gate["tolerance"]))
-        if not passed:
-            self.log.info("gate refused the candidate: %s", message)
-            return {"promoted": False, "message": f"gate refused: {message}"}
+            raise AirflowSkipException(f"round {run.round_id} is below quorum after validation: nothing to promote")
+        evaluation, _ = read_document(store, LAYOUT.evaluation_report(run.round_id), EvaluationReport)
+        decision = gate_decision(evaluation, run.gate)
+        if not decision.passed:
+            raise AirflowSkipException(f"not promoted: the gate refused the candidate: {decision.message}")
         try:
-            manifest = promote_candidate(store, self.round_id)
+            manifest: ModelManifest = promote_candidate(store, run.round_id)
         except PreconditionFailed as exc:
-            self.log.warning("not promoted: %s", exc)
-            return {"promoted": False, "message": f"superseded: {exc}"}
-        self.log.info("promoted %s (sha256 %s): %s", manifest.version, manifest.sha256[:12], message)
-        return {"promoted": True, "message": f"promoted: {message}"}
+            raise AirflowSkipException(f"not promoted: {exc}") from None
+        self.log.info("promoted %s (sha256 %s): %s", manifest.version, manifest.sha256[:12], decision.message)
+        for asset in self.outlets:
+            context["outlet_events"][asset].extra = {
+                "version": manifest.version,
+                "sha256": manifest.sha256,
+                "round_id": run.round_id,
+                "metrics": {
+                    "accuracy": evaluation.candidate.accuracy,
+                    "macro_f1": evaluation.candidate.macro_f1,
+                    "loss": evaluation.candidate.loss,
+                },
+            }
+        return {"promoted": manifest.version}
 
 
 class RoundReportOperator(BaseOperator):
     """Write ``rounds/<round>/report.json`` from what the round left in the bucket, and log a summary.
 
-    Runs when upstream steps succeeded or were skipped (trigger rule ``none_failed``), so an
-    abandoned round gets its report too; a failed step fails the run instead.
+    Meant as the DAG's teardown: it runs whatever happened upstream (a failed step gets a report
+    with status ``failed`` naming the step), while the run's own state still follows the steps.
+    The status follows the bucket (``promoted`` only if the pointer moved), never a task's say-so.
+
+    :param settings: the run's settings from the publish step (templated).
     """
 
-    template_fields: Sequence[str] = ("round_id",)
+    template_fields: Sequence[str] = ("settings",)
 
-    def __init__(self, *, bucket: str, round_id: str, promotion_task_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, settings: dict[str, Any] | str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.bucket = bucket
-        self.round_id = round_id
-        self.promotion_task_id = promotion_task_id
+        self.settings = settings
+        self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        store = FederationHook(self.bucket).store
-        promotion = context["ti"].xcom_pull(task_ids=self.promotion_task_id) if self.promotion_task_id else None
-        report = build_round_report(store, self.round_id, promotion if isinstance(promotion, dict) else None)
-        write_document(store, LAYOUT.round_report(self.round_id), report)
+        run = RunSettings.model_validate(self.settings)
+        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        report = build_round_report(store, run.round_id, run.gate)
+        write_document(store, LAYOUT.round_report(run.round_id), report)
         for line in summary_lines(report):
             self.log.info("%s", line)
-        return {"status": report.status, "report": f"{store.url}/{LAYOUT.round_report(self.round_id)}"}
-
-
-def build_round_report(store: Any, round_id: str, promotion: dict[str, Any] | None) -> RoundReport:
-    task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
-    closing, _ = read_optional(store, LAYOUT.round_closing(round_id), RoundClosing)
-    aggregation, _ = read_optional(store, LAYOUT.aggregation_report(round_id), AggregationReport)
-    evaluation, _ = read_optional(store, LAYOUT.evaluation_report(round_id), EvaluationReport)
-    candidate, _ = read_optional(store, LAYOUT.candidate_manifest(round_id), ModelManifest)
-    published, _ = read_optional(store, LAYOUT.model_manifest(round_id), ModelManifest)
-    if aggregation is not None:
-        updates = list(aggregation.updates)
-    elif closing is not None:  # abandoned at the close: the on-time updates were never validated
-        updates = [
-            UpdateVerdict(
-                client_id=u.manifest.client_id,
-                accepted=False,
-                code="not_aggregated",
-                reason="the round closed below its quorum; the update was not validated or used",
-                num_examples=u.manifest.num_examples,
-                committed_at=u.committed_at,
-            )
-            for u in closing.updates
-        ] + list(closing.late)
-    else:
-        updates = []
-    metrics: dict[str, Any] = {}
-    if evaluation is not None:
-        metrics = {"candidate": evaluation.candidate.model_dump(), "current": evaluation.current.model_dump()}
-    if closing is None:
-        status, message = "failed", "the round never closed"
-    elif closing.reason == "below_quorum" or (aggregation is not None and aggregation.status == "below_quorum"):
-        valid = sum(1 for u in updates if u.accepted)
-        status = "abandoned"
-        message = f"abandoned: {len(closing.updates)} update(s) by the close, {valid} valid; quorum not reached"
-    elif candidate is None or evaluation is None:
-        status, message = "failed", "no candidate or no evaluation"
-    elif published is not None and published.sha256 == candidate.sha256:
-        status = "promoted"
-        message = (promotion or {}).get("message", "promoted")
-    else:
-        status = "rejected"
-        message = (promotion or {}).get("message", "not promoted")
-    return RoundReport(
-        round_id=round_id,
-        status=status,
-        base_model_version=task.base_model_version,
-        candidate_sha256=candidate.sha256 if candidate else None,
-        promoted_version=round_id if status == "promoted" else None,
-        message=message,
-        updates=updates,
-        metrics=metrics,
-    )
-
-
-def summary_lines(report: RoundReport) -> list[str]:
-    """The human summary of a round for the task log."""
-    accepted = [u for u in report.updates if u.accepted]
-    rejected = [u for u in report.updates if not u.accepted]
-    lines = [
-        f"round {report.round_id}: {report.status.upper()} — {report.message}",
-        f"  base model {report.base_model_version}; {len(accepted)} update(s) accepted, {len(rejected)} rejected",
-    ]
-    lines += [f"  ACCEPT {u.client_id:16s} {u.num_examples:6d} examples  weight {u.weight:.3f}" for u in accepted]
-    lines += [f"  REJECT {u.client_id:16s} {u.code}: {u.reason}" for u in rejected]
-    if report.metrics:
-        for label in ("current", "candidate"):
-            m = report.metrics[label]
-            lines.append(
-                f"  {label:9s} {m['version']}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                f"loss {m['loss']:.4f}"
-            )
-    return lines
+        return {"status": report.status, "report": f"{store.url}/{LAYOUT.round_report(run.round_id)}"}
 
 
 __all__ = [
@@ -287,5 +237,5 @@ __all__ = [
     "OpenRoundOperator",
     "PromoteCandidateOperator",
     "RoundReportOperator",
-    "gate_decision",
+    "current_model_asset",
 ]

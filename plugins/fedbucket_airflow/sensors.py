@@ -1,4 +1,4 @@
-"""The sensor: the round's wait step, deferrable."""
+"""The sensor: the round's wait step — a real sensor (``poke``), deferrable by default."""
 
 from __future__ import annotations
 
@@ -6,89 +6,112 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, Context
+from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from fedbucket.config import RoundSettings
-from fedbucket.federation import freeze_round, read_document
-from fedbucket.layout import LAYOUT
-from fedbucket.schemas import RoundTask, utcnow
+from fedbucket.protocol.documents import RoundClosing, RoundTask, read_document, read_optional, utcnow
+from fedbucket.protocol.layout import LAYOUT
+from fedbucket.server.config import RunSettings
+from fedbucket.server.rounds import freeze_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
-from fedbucket_airflow.rounds import wait_decision
-from fedbucket_airflow.triggers import RoundQuorumTrigger, count_updates
+from fedbucket_airflow.triggers import RoundQuorumTrigger, look_at_round
 
 
 class RoundQuorumSensor(BaseSensorOperator):
-    """Wait until round ``round_id`` has its quorum (or its deadline passes), then freeze it.
+    """Wait until the round has its quorum (or its deadline passes), then freeze it.
 
-    Pokes once; if the round is not done yet it defers to :class:`RoundQuorumTrigger`, freeing
-    its worker slot. When the wait ends it writes ``rounds/<round>/closing.json`` (the on-time
-    updates, frozen, and the late ones) and closes the round. Below the quorum at the deadline
-    the task is skipped: downstream aggregation is skipped too and the report marks the round
-    *abandoned*, leaving the current model untouched.
+    :meth:`poke` looks at the bucket once (this round's manifests and the payloads' headers: an
+    update counts toward the quorum only if it passes those cheap checks) and applies
+    :func:`~fedbucket.server.rounds.wait_decision`. With ``deferrable=True`` (the default) the
+    sensor pokes once and then defers to :class:`RoundQuorumTrigger`, which polls every
+    ``poke_interval`` seconds without holding a worker slot, within the sensor's ``timeout``;
+    with ``deferrable=False`` the base class's poke loop runs (``mode="poke"`` or ``"reschedule"``).
 
-    :param bucket: federation URL.
-    :param round_id: the round (templated).
-    :param settings: the round's effective settings from the publish step (templated); the wait
-        reads its ``"round"`` part (``fedbucket.config.RoundSettings``).
+    When the wait ends it writes ``rounds/<round>/closing.json`` (the updates that passed, with
+    their payload generations pinned, and the rejected ones) and closes the round. Below the
+    quorum at the deadline the task is skipped, so aggregation is skipped and the report marks
+    the round *abandoned*.
+
+    :param settings: the run's settings from the publish step (templated; a
+        :class:`~fedbucket.server.config.RunSettings` as JSON).
+    :param gcp_conn_id: see :class:`~fedbucket_airflow.hooks.FederationHook`.
     """
 
-    template_fields: Sequence[str] = ("round_id", "settings")
+    template_fields: Sequence[str] = ("settings",)
 
-    def __init__(self, *, bucket: str, round_id: str, settings: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        settings: dict[str, Any] | str,
+        deferrable: bool = True,
+        gcp_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.bucket = bucket
-        self.round_id = round_id
         self.settings = settings
+        self.deferrable = deferrable
+        self.gcp_conn_id = gcp_conn_id
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        settings = RoundSettings.model_validate(self.settings["round"])
-        if FederationHook(self.bucket).store.exists(LAYOUT.round_closing(self.round_id)):
-            self.log.info("round %s was closed by an earlier run: using its frozen updates", self.round_id)
-            return self._finish("deadline", 0, 0)
-        task, on_time, late = count_updates(self.bucket, self.round_id)
-        now = utcnow()
-        reason = wait_decision(
-            on_time=on_time,
-            now=now,
-            deadline=task.deadline,
-            quorum_reached_at=now if on_time >= settings.min_clients else None,
-            settings=settings,
-        )
-        if reason is not None:
-            return self._finish(reason, on_time, late)
-        self.log.info(
-            "round %s: %d update(s) on time, %d late; deferring until %d arrive or %s",
-            self.round_id, on_time, late, settings.min_clients, task.deadline.isoformat(),
-        )  # fmt: skip
-        reached = now.isoformat() if on_time >= settings.min_clients else None
-        close_by = task.deadline + timedelta(seconds=settings.settle_seconds)
+    @property
+    def run_settings(self) -> RunSettings:
+        return RunSettings.model_validate(self.settings)
+
+    def _store(self, run: RunSettings):  # noqa: ANN202 - an ObjectStore
+        return FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+
+    def poke(self, context: Context) -> PokeReturnValue | bool:
+        run = self.run_settings
+        store = self._store(run)
+        closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
+        if closing is not None:
+            self.log.info("round %s was closed by an earlier run: using its frozen updates", run.round_id)
+            return PokeReturnValue(True, self._finish(run, closing.reason))
+        task, survey = look_at_round(store, run.round_id)
+        reason = wait_decision(survey, now=utcnow(), deadline=task.deadline, settings=run.round)
+        if reason is None:
+            self.log.info(
+                "round %s: %d update(s) on time and well-formed, %d rejected; need %d by %s",
+                run.round_id, len(survey.on_time), len(survey.rejected), run.round.min_clients,
+                task.deadline.isoformat(),
+            )  # fmt: skip
+            return False
+        return PokeReturnValue(True, self._finish(run, reason))
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        done = self.poke(context)
+        if isinstance(done, PokeReturnValue):
+            return done.xcom_value
+        run = self.run_settings
         self.defer(
             trigger=RoundQuorumTrigger(
-                bucket=self.bucket, round_id=self.round_id, settings=self.settings["round"], quorum_reached_at=reached
+                bucket=run.bucket,
+                round_id=run.round_id,
+                settings=run.round.model_dump(),
+                poll_seconds=self.poke_interval,
+                gcp_conn_id=self.gcp_conn_id,
             ),
             method_name="execute_complete",
-            # the trigger fires by the deadline at the latest; this only catches a stuck triggerer
-            timeout=max(timedelta(0), close_by - now) + timedelta(minutes=30),
+            timeout=timedelta(seconds=self.timeout),
         )
-        raise AssertionError("defer() returns only by raising")  # pragma: no cover
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") != "done":
-            raise AirflowException(f"waiting for round {self.round_id} failed: {event.get('message')}")
-        return self._finish(event["reason"], event["on_time"], event["late"])
+            raise AirflowException(f"waiting for round {self.run_settings.round_id} failed: {event.get('message')}")
+        return self._finish(self.run_settings, event["reason"])
 
-    def _finish(self, reason: str, on_time: int, late: int) -> dict[str, Any]:
-        store = FederationHook(self.bucket).store
-        task, _ = read_document(store, LAYOUT.round_task(self.round_id), RoundTask)
+    def _finish(self, run: RunSettings, reason: str) -> dict[str, Any]:
+        store = self._store(run)
+        task, _ = read_document(store, LAYOUT.round_task(run.round_id), RoundTask)
         closing = freeze_round(store, task, reason=reason, closed_at=utcnow())
         self.log.info(
-            "round %s closed (%s): %d update(s) frozen for aggregation, %d late or unreadable",
-            self.round_id, closing.reason, len(closing.updates), len(closing.late),
+            "round %s closed (%s): %d update(s) frozen for aggregation, %d rejected, %d unattributable object(s)",
+            run.round_id, closing.reason, len(closing.updates), len(closing.late), closing.ignored_objects,
         )  # fmt: skip
         if closing.reason == "below_quorum":
             raise AirflowSkipException(
-                f"round {self.round_id} abandoned: {len(closing.updates)} update(s) by the deadline, "
-                f"fewer than {RoundSettings.model_validate(self.settings['round']).quorum_at_deadline}"
+                f"round {run.round_id} abandoned: {len(closing.updates)} valid update(s) by the deadline, "
+                f"fewer than {run.round.quorum_at_deadline}"
             )
-        return {"reason": closing.reason, "updates": len(closing.updates), "late": len(closing.late)}
+        return {"reason": closing.reason, "updates": len(closing.updates), "rejected": len(closing.late)}

@@ -4,44 +4,50 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from fedbucket.config import RoundSettings
-from fedbucket.federation import collect_round_updates, read_document
-from fedbucket.layout import LAYOUT
-from fedbucket.schemas import RoundTask, utcnow
-from fedbucket.storage import cached_store
-from fedbucket_airflow.rounds import wait_decision
+from fedbucket.protocol.documents import RoundTask, read_document, utcnow
+from fedbucket.protocol.layout import LAYOUT
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.server.config import RoundSettings
+from fedbucket.server.rounds import PrecheckCache, RoundSurvey, survey_round, wait_decision
+from fedbucket_airflow.hooks import FederationHook
 
 
-def count_updates(bucket: str, round_id: str) -> tuple[RoundTask, int, int]:
-    """``(task, on_time, late)`` for the round as it stands (manifests only; cheap)."""
-    store = cached_store(bucket)  # one client for the triggerer's lifetime, not one per poll
+def look_at_round(
+    store: ObjectStore, round_id: str, cache: PrecheckCache | None = None
+) -> tuple[RoundTask, RoundSurvey]:
+    """The round's task and its updates as they stand (this round's manifests and payload headers only)."""
     task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
-    on_time, late = collect_round_updates(store, task)
-    return task, len(on_time), len(late)
+    return task, survey_round(store, task, cache=cache)
 
 
 class RoundQuorumTrigger(BaseTrigger):
-    """Polls the bucket every ``poll_seconds`` and fires once :func:`wait_decision` says so.
+    """Polls the bucket every ``poll_seconds`` and fires once
+    :func:`~fedbucket.server.rounds.wait_decision` says the wait is over.
 
-    Events: ``{"status": "done", "reason": ..., "on_time": n, "late": m}`` or
-    ``{"status": "error", "message": ...}``. ``quorum_reached_at`` (ISO time) carries the start of
-    the grace period over from the sensor's first look. Blocking storage calls run in a thread so the
-    triggerer's event loop stays free for other triggers.
+    Events: ``{"status": "done", "reason": ..., "on_time": n, "rejected": m}`` or
+    ``{"status": "error", "message": ...}``. Updates that passed the cheap checks are remembered
+    between polls (by manifest generation), so a poll costs one listing of this round plus what
+    changed. Blocking storage calls run in a thread so the event loop stays free.
     """
 
     def __init__(
-        self, bucket: str, round_id: str, settings: dict[str, Any], quorum_reached_at: str | None = None
+        self,
+        bucket: str,
+        round_id: str,
+        settings: dict[str, Any],
+        poll_seconds: float,
+        gcp_conn_id: str | None = None,
     ) -> None:
         super().__init__()
         self.bucket = bucket
         self.round_id = round_id
         self.settings = settings
-        self.quorum_reached_at = quorum_reached_at
+        self.poll_seconds = poll_seconds
+        self.gcp_conn_id = gcp_conn_id
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -50,28 +56,27 @@ class RoundQuorumTrigger(BaseTrigger):
                 "bucket": self.bucket,
                 "round_id": self.round_id,
                 "settings": self.settings,
-                "quorum_reached_at": self.quorum_reached_at,
+                "poll_seconds": self.poll_seconds,
+                "gcp_conn_id": self.gcp_conn_id,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         settings = RoundSettings.model_validate(self.settings)
-        reached = datetime.fromisoformat(self.quorum_reached_at) if self.quorum_reached_at else None
+        cache: PrecheckCache = {}
         try:
+            hook = FederationHook(self.bucket, gcp_conn_id=self.gcp_conn_id)
+            store = await asyncio.to_thread(lambda: hook.store)  # one client for the whole wait
             while True:
-                task, on_time, late = await asyncio.to_thread(count_updates, self.bucket, self.round_id)
+                task, survey = await asyncio.to_thread(look_at_round, store, self.round_id, cache)
                 now = utcnow()
-                if reached is None and on_time >= settings.min_clients:
-                    reached = now
-                    self.log.info("round %s reached its quorum of %d", self.round_id, settings.min_clients)
-                reason = wait_decision(
-                    on_time=on_time, now=now, deadline=task.deadline, quorum_reached_at=reached, settings=settings
-                )
+                reason = wait_decision(survey, now=now, deadline=task.deadline, settings=settings)
+                on_time, rejected = len(survey.on_time), len(survey.rejected)
                 if reason is not None:
-                    yield TriggerEvent({"status": "done", "reason": reason, "on_time": on_time, "late": late})
+                    yield TriggerEvent({"status": "done", "reason": reason, "on_time": on_time, "rejected": rejected})
                     return
-                self.log.info("round %s: %d on time, %d late; waiting", self.round_id, on_time, late)
+                self.log.info("round %s: %d on time, %d rejected so far; waiting", self.round_id, on_time, rejected)
                 until_close = (task.deadline - now).total_seconds() + settings.settle_seconds
-                await asyncio.sleep(max(0.2, min(settings.poll_seconds, until_close + 0.1)))
+                await asyncio.sleep(max(0.2, min(self.poll_seconds, until_close + 0.1)))
         except Exception as exc:  # report, don't crash the triggerer
             yield TriggerEvent({"status": "error", "message": f"{type(exc).__name__}: {exc}"})

@@ -34,9 +34,18 @@ from pathlib import Path
 import numpy as np
 
 from fedbucket import LAYOUT, ModelSpec, TrainingConfig, open_store
-from fedbucket.federation import open_round, publish_model, read_document, set_current_model, write_document
-from fedbucket.schemas import AggregationReport, ClosedUpdate, RoundClosing, UpdateManifest, utcnow
-from fedbucket.tensors import read_header_file, tensors_to_bytes
+from fedbucket.protocol.documents import (
+    AggregationReport,
+    RoundClosing,
+    RoundTask,
+    UpdateManifest,
+    read_document,
+    utcnow,
+    write_document,
+)
+from fedbucket.protocol.tensors import read_header_file, tensors_to_bytes
+from fedbucket.protocol.validation import precheck_update, read_update_manifest
+from fedbucket.server.rounds import open_round, publish_model, set_current_model
 from tests.benchmarks.distilbert import NUM_PARAMETERS, distilbert_shapes, random_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +61,7 @@ PROTOTYPE_SECONDS = {2: 18.6, 4: 27.5, 8: 39.3, 16: 83.8, 32: 100.8, 64: 200, 12
 
 def generate(root: Path, n_max: int) -> None:
     """A federation with a DistilBERT-shaped base model and ``n_max`` updates in round ``bench``."""
-    store = open_store(root.as_uri())
+    store = open_store(root.as_uri(), create=True)
     if store.exists(LAYOUT.round_closing(ROUND) + ".complete"):
         return
     manifest = publish_model(store, random_state(0), version="init", model=ModelSpec(name="distilbert"))
@@ -86,11 +95,12 @@ def generate(root: Path, n_max: int) -> None:
 def select_clients(root: Path, n: int) -> None:
     """Freeze the round with its first ``n`` updates (what the DAG's wait step would write)."""
     store = open_store(root.as_uri())
+    task, _ = read_document(store, LAYOUT.round_task(ROUND), RoundTask)
     updates = []
     for i in range(n):
         name = LAYOUT.update_manifest(f"client-{i:03d}", ROUND)
-        manifest, _ = read_document(store, name, UpdateManifest)
-        updates.append(ClosedUpdate(manifest=manifest, committed_at=store.stat(name).updated))
+        manifest, committed_at = read_update_manifest(store, name)
+        updates.append(precheck_update(store, task, manifest, committed_at))
     closing = RoundClosing(round_id=ROUND, closed_at=utcnow(), reason="quorum", updates=updates)
     write_document(store, LAYOUT.round_closing(ROUND), closing)
 

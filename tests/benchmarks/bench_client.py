@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 from fedbucket import Client, ModelSpec, TrainingConfig, open_store
-from fedbucket.federation import open_round, publish_model, publish_model_file, set_current_model
-from fedbucket.pytorch import state_dict_to_numpy
-from fedbucket.schemas import utcnow
-from fedbucket.simulation import SimulationConfig, simulate
-from fedbucket.tensors import save_tensors
-from fedbucket.testing import FakeGCSServer
-from fedbucket.validation import list_update_manifests
-from fedbucket.zoo import build_model
+from fedbucket.protocol.documents import utcnow
+from fedbucket.protocol.tensors import save_tensors
+from fedbucket.protocol.validation import list_update_manifests
+from fedbucket.server.rounds import open_round, publish_model, publish_model_file, set_current_model
+from fedbucket.sim.emulator import FakeGCSServer
+from fedbucket.sim.simulation import SimulationConfig, simulate
+from fedbucket.torch.training import state_dict_to_numpy
+from fedbucket.torch.zoo import build_model
 from tests.benchmarks.distilbert import NUM_PARAMETERS, random_state
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "client.json"
@@ -98,7 +98,7 @@ def simulated_round(tmp: Path, clients: int = 10) -> dict[str, object]:
     t0 = time.perf_counter()
     runner.start()
     open_round(store, round_id="r1", opened_at=utcnow(), deadline_seconds=600, training=TrainingConfig(local_epochs=2))
-    while len(list_update_manifests(store, "r1")) < clients:
+    while len(list_update_manifests(store, "r1").names) < clients:
         time.sleep(0.05)
     elapsed = time.perf_counter() - t0
     runner.join()

@@ -1,13 +1,34 @@
 """fedbucket: federated learning through one cloud bucket.
 
-The package is the single source of truth for the bucket layout (:mod:`fedbucket.layout`), the
-protocol documents (:mod:`fedbucket.schemas`), tensor (de)serialisation (:mod:`fedbucket.tensors`),
-validation of untrusted updates (:mod:`fedbucket.validation`) and storage (:mod:`fedbucket.storage`).
-The Airflow DAG, its plugins and the Spark jobs import it; so do clients.
+This namespace is the client SDK: :class:`Client`, the protocol documents a client reads and
+writes, tensor and storage helpers, and the error tree. The package is split by role::
+
+    fedbucket.protocol   layout, documents, tensors, validation, storage, errors (imports nothing above it)
+    fedbucket.client     the Client and the client commands of the CLI
+    fedbucket.server     config, round lifecycle, aggregation, strategies, evaluation, promotion, reports
+    fedbucket.torch      PyTorch helpers and the model zoo (the ``torch`` extra)
+    fedbucket.sim        simulated federations, the digits data, a local GCS emulator
+
+``import fedbucket`` loads the protocol and the client only; the Airflow DAG, its plugins and
+the Spark jobs import :mod:`fedbucket.server`.
 """
 
 from fedbucket.client import Client, apply_delta, compute_delta
-from fedbucket.errors import (
+from fedbucket.protocol.documents import (
+    SCHEMA_VERSION,
+    ModelManifest,
+    ModelPointer,
+    ModelSpec,
+    RoundPointer,
+    RoundReport,
+    RoundTask,
+    TensorSpec,
+    TrainingConfig,
+    UpdateManifest,
+    UpdateVerdict,
+    parse_document,
+)
+from fedbucket.protocol.errors import (
     ChecksumMismatch,
     FedbucketError,
     InvalidIdentifier,
@@ -27,24 +48,10 @@ from fedbucket.errors import (
     UpdateRejected,
     UpdateTooLarge,
 )
-from fedbucket.layout import LAYOUT, BucketLayout, check_identifier
-from fedbucket.schemas import (
-    SCHEMA_VERSION,
-    ModelManifest,
-    ModelPointer,
-    ModelSpec,
-    RoundPointer,
-    RoundReport,
-    RoundTask,
-    TensorSpec,
-    TrainingConfig,
-    UpdateManifest,
-    UpdateVerdict,
-    parse_document,
-)
-from fedbucket.storage import FileStore, GCSStore, ObjectInfo, ObjectStore, open_store
-from fedbucket.tensors import load_tensors, save_tensors, schema_of, tensors_from_bytes, tensors_to_bytes
-from fedbucket.validation import ValidatedUpdate, check_payload, validate_update
+from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
+from fedbucket.protocol.storage import FileStore, GCSStore, ObjectInfo, ObjectStore, open_store
+from fedbucket.protocol.tensors import load_tensors, save_tensors, schema_of, tensors_from_bytes, tensors_to_bytes
+from fedbucket.protocol.validation import ValidatedUpdate, check_payload, validate_update
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,12 @@
-"""The ``fedbucket`` command line.
+"""The ``fedbucket`` command line: the entry point that wires the role packages' commands.
 
-Exit codes (also in ``fedbucket --help``):
+Client commands live in :mod:`fedbucket.client.cli`, ``init`` in :mod:`fedbucket.server.cli`,
+``simulate`` in :mod:`fedbucket.sim.cli`; each is imported only when it runs, so ``fedbucket
+status`` never loads server code. Every error ends as one line on stderr and an exit code:
 
     0  success
     1  error (storage, credentials, a corrupted bucket, ...)
-    2  bad command-line usage
+    2  bad command-line usage or invalid settings
     3  no open round, or the round is closed / past its deadline / superseded
     4  the update was refused by validation (reason printed)
     5  timed out waiting for a round
@@ -13,211 +15,56 @@ Exit codes (also in ``fedbucket --help``):
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import logging
 import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from fedbucket.errors import FedbucketError, RoundNotOpen, StaleUpdate, UpdateRejected
+from fedbucket import __version__
+from fedbucket.protocol.errors import (
+    ConfigError,
+    FedbucketError,
+    InvalidIdentifier,
+    RoundNotOpen,
+    StaleUpdate,
+    UpdateRejected,
+    WaitTimeout,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_ROUND, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 
 EXIT_CODES = """exit codes:
   0  success
   1  error (storage, credentials, corrupted bucket, ...)
-  2  bad command-line usage
+  2  bad command-line usage or invalid settings
   3  no open round, or the round is closed, past its deadline or superseded
   4  the update was refused by validation (the reason is printed)
   5  timed out waiting for a round"""
 
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
-def _progress_bar(total: int, description: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
-    return bar.update, bar.close
+#: Seconds a storage call keeps retrying a failing endpoint before it gives up (``--timeout``).
+DEFAULT_TIMEOUT_SECONDS = 60.0
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202 - returns fedbucket.Client (imported lazily)
-    from fedbucket.client import Client
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows a default only where there is one worth showing."""
 
-    if not args.bucket:
-        raise _UsageError("--bucket is required (or set FEDBUCKET_BUCKET)")
-    if not args.client_id:
-        raise _UsageError("--client-id is required (or set FEDBUCKET_CLIENT_ID)")
-    return Client(args.bucket, args.client_id, credentials=args.credentials, cache_dir=args.cache_dir)
-
-
-class _UsageError(Exception):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-# -- commands ------------------------------------------------------------------------------------
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from fedbucket.federation import read_optional
-    from fedbucket.schemas import ModelPointer, utcnow
-
-    with _client(args) as client:
-        pointer, _ = read_optional(client.store, client.layout.current_model, ModelPointer)
-        task = client.current_round()
-        status: dict[str, object] = {
-            "bucket": client.store.url,
-            "client_id": client.client_id,
-            "current_model": pointer.version if pointer else None,
-            "round": None,
-        }
-        if task is not None:
-            submitted = client.submitted(task.round_id)
-            status["round"] = {
-                "round_id": task.round_id,
-                "base_model_version": task.base_model_version,
-                "deadline": task.deadline.isoformat(),
-                "seconds_left": round((task.deadline - utcnow()).total_seconds()),
-                "training": task.training.model_dump(),
-                "submitted": None
-                if submitted is None
-                else {"sha256": submitted.sha256, "num_examples": submitted.num_examples},
-            }
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return EXIT_OK
-    print(f"federation   {status['bucket']}")
-    print(f"client       {status['client_id']}")
-    print(f"global model {status['current_model'] or '(none yet)'}")
-    round_info = status["round"]
-    if not isinstance(round_info, dict):
-        print("round        no open round")
-        return EXIT_NO_ROUND
-    left = round_info["seconds_left"]
-    print(f"round        {round_info['round_id']} (base {round_info['base_model_version']})")
-    print(f"deadline     {round_info['deadline']} ({'closed' if left < 0 else f'{left} s left'})")
-    sub = round_info["submitted"]
-    if sub is None:
-        print("submitted    no")
-    else:
-        print(f"submitted    yes, {sub['num_examples']} examples, sha256 {sub['sha256'][:12]}…")
-    return EXIT_OK
-
-
-def cmd_fetch(args: argparse.Namespace) -> int:
-    import shutil
-
-    from fedbucket.federation import read_document
-    from fedbucket.schemas import ModelManifest
-
-    with _client(args) as client:
-        version = args.version
-        if version is None:
-            task = client.current_round()
-            if task is None:
-                raise RoundNotOpen("no open round; pass --version to fetch a specific model")
-            version = task.base_model_version
-        manifest, _ = read_document(client.store, client.layout.model_manifest(version), ModelManifest)
-        update, close = _progress_bar(manifest.size_bytes, f"model {version}") if not args.quiet else (None, None)
-        try:
-            cached = client.fetch_model_file(version, progress=update)
-        finally:
-            if close:
-                close()
-    output = Path(args.output or f"model-{version}.safetensors")
-    shutil.copyfile(cached, output)
-    print(f"model {version} ({manifest.size_bytes} bytes, sha256 verified) -> {output}")
-    return EXIT_OK
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from fedbucket.tensors import load_tensors
-
-    metrics = {}
-    for item in args.metric:
-        key, sep, value = item.partition("=")
-        try:
-            metrics[key] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key:
-            raise _UsageError(f"--metric {item!r}: use NAME=NUMBER, e.g. --metric loss=0.31")
-    path = Path(args.file)
-    if not path.is_file():
-        raise _UsageError(f"{path} is not a file")
-    with _client(args) as client:
-        task = client.current_round()
-        if task is None:
-            raise RoundNotOpen("no open round to submit to (fedbucket status shows when one opens)")
-        update, close = _progress_bar(path.stat().st_size, "upload") if not args.quiet else (None, None)
-        try:
-            if args.delta:
-                manifest = client.submit_file(
-                    task, path, num_examples=args.num_examples, metrics=metrics, progress=update
-                )
-            else:
-                manifest = client.submit(
-                    task, load_tensors(path), num_examples=args.num_examples, metrics=metrics, progress=update
-                )
-        finally:
-            if close:
-                close()
-    print(f"submitted update for round {task.round_id}: sha256 {manifest.sha256}, {manifest.num_examples} examples")
-    return EXIT_OK
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedbucket.simulation import SimulationConfig, simulate
-
-    if args.clients < 1 or args.rounds < 1 or args.alpha <= 0 or not 0 <= args.dropout <= 1:
-        raise _UsageError("need --clients >= 1, --rounds >= 1, --alpha > 0 and 0 <= --dropout <= 1")
-    if not args.bucket:
-        raise _UsageError("--bucket is required (or set FEDBUCKET_BUCKET)")
-    config = SimulationConfig(
-        bucket_url=args.bucket,
-        clients=args.clients,
-        rounds=args.rounds,
-        partition=args.partition,
-        alpha=args.alpha,
-        seed=args.seed,
-        dropout=args.dropout,
-        stragglers=args.stragglers,
-        hostile=args.hostile,
-        poll_interval=args.poll_interval,
-        round_timeout=args.round_timeout,
-        cache_dir=args.cache_dir,
-    )
+def _positive_seconds(text: str) -> float:
     try:
-        summary = simulate(config)
-    except ValueError as exc:  # impossible roles or partitions (e.g. more clients than examples)
-        raise _UsageError(str(exc)) from None
-    return EXIT_OK if summary.counts().get("error", 0) == 0 else EXIT_ERROR
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from fedbucket.config import FederationConfig
-    from fedbucket.federation import init_federation
-    from fedbucket.storage import open_store
-    from fedbucket.tensors import load_tensors
-
-    config = FederationConfig.load(args.config)
-    bucket = args.bucket or config.bucket
-    holdout = load_tensors(args.holdout) if args.holdout else None
-    if holdout is not None and set(holdout) != {"x", "y"}:
-        raise _UsageError(f"--holdout {args.holdout} must hold exactly two tensors, x and y")
-    manifest, created = init_federation(open_store(bucket), config, holdout=holdout)
-    if created:
-        print(f"initialised {bucket}: model {manifest.version} ({config.model.name}, {manifest.size_bytes} bytes)")
-        print("wrote the hold-out split; no round is open yet")
-    else:
-        print(f"{bucket} is already initialised (current model {manifest.version}); nothing changed")
-    return EXIT_OK
-
-
-# -- parser --------------------------------------------------------------------------------------
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         + EXIT_CODES,
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"fedbucket {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser, *, client: bool = True) -> None:
@@ -256,11 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--credentials",
                 default=os.environ.get("FEDBUCKET_CREDENTIALS"),
-                help="service-account key file for gs:// (default: Application Default Credentials)",
+                help="service-account key file for gs:// (default: Application Default Credentials); "
+                "env FEDBUCKET_CREDENTIALS",
             )
         p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/fedbucket or $FEDBUCKET_CACHE)")
+        timeout(p)
 
-    def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    def timeout(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--timeout",
+            type=_positive_seconds,
+            default=float(os.environ.get("FEDBUCKET_TIMEOUT", DEFAULT_TIMEOUT_SECONDS)),
+            metavar="SECONDS",
+            help="give up on an unreachable bucket after this long (a line per retry meanwhile); env FEDBUCKET_TIMEOUT",
+        )
+
+    def add(name: str, command: str, help_text: str, example: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
@@ -268,19 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
             formatter_class=_Formatter,
         )
+        p.set_defaults(command_path=command)
         return p
 
     p = add(
         "status",
-        "Show the current round, its deadline and what this client has submitted.",
+        "fedbucket.client.cli:cmd_status",
+        "Show the current round, its deadline and what this client has submitted (exit 3: no open round).",
         "fedbucket status --bucket gs://acme-federation/prod --client-id hospital-a",
     )
     common(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(func=cmd_status)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text (same exit code)")
 
     p = add(
         "fetch",
+        "fedbucket.client.cli:cmd_fetch",
         "Download the current round's base model (or --version) to a safetensors file, sha256-verified.",
         "fedbucket fetch --bucket gs://acme-federation/prod --client-id hospital-a -o global.safetensors",
     )
@@ -288,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file (default model-<version>.safetensors)")
     p.add_argument("--version", help="a model version instead of the current round's base")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_fetch)
 
     p = add(
         "submit",
+        "fedbucket.client.cli:cmd_submit",
         "Submit a trained model (safetensors) for the open round; fedbucket sends the delta against the round's base.",
         "fedbucket submit trained.safetensors --num-examples 1342 --metric loss=0.21",
     )
@@ -303,20 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--delta", action="store_true", help="FILE already holds trained-minus-base deltas")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_submit)
 
     p = add(
         "init",
+        "fedbucket.server.cli:cmd_init",
         "Initialise a federation (server side): initial model from the config, hold-out split, empty rounds.",
         "fedbucket init --config dags/federation.toml",
     )
     p.add_argument("--config", required=True, help="federation config (TOML)")
     p.add_argument("--bucket", default=None, help="override the config's bucket URL")
     p.add_argument("--holdout", help="safetensors file with x (features) and y (labels); default: digits hold-out")
-    p.set_defaults(func=cmd_init)
+    timeout(p)
 
     p = add(
         "simulate",
+        "fedbucket.sim.cli:cmd_simulate",
         "Run N simulated clients (separate processes) that train on digits for real and submit each round.",
         "fedbucket simulate --bucket file:///tmp/fed --clients 10 --partition dirichlet --alpha 0.5 \\\n"
         "      --dropout 0.1 --stragglers 1 --hostile 1 --rounds 5",
@@ -338,30 +200,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--round-timeout", type=float, default=600.0, help="seconds a client waits for the next round before giving up"
     )
-    p.set_defaults(func=cmd_simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Storage retries log one warning line each (fedbucket.protocol.storage); nothing else is noisy.
+    logging.basicConfig(level=logging.WARNING, format="fedbucket: %(message)s", stream=sys.stderr)
+    module_name, _, function = args.command_path.partition(":")
+    prefix = f"fedbucket {args.command}"
     try:
-        return int(args.func(args))
-    except _UsageError as exc:
+        command = getattr(importlib.import_module(module_name), function)
+        return int(command(args))
+    except (ConfigError, InvalidIdentifier) as exc:
         parser.print_usage(sys.stderr)
-        print(f"fedbucket {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RoundNotOpen, StaleUpdate) as exc:
-        print(f"fedbucket {args.command}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return EXIT_NO_ROUND
     except UpdateRejected as exc:
-        print(f"fedbucket {args.command}: update refused — {exc.code}: {exc.reason}", file=sys.stderr)
+        print(f"{prefix}: update refused — {exc.code}: {exc.reason}", file=sys.stderr)
         return EXIT_REJECTED
-    except TimeoutError as exc:
-        print(f"fedbucket {args.command}: {exc}", file=sys.stderr)
+    except WaitTimeout as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
     except FedbucketError as exc:
-        print(f"fedbucket {args.command}: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # local files: unreadable input, unwritable output, full disk
+        print(f"{prefix}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as exc:  # an extra that is not installed (torch, scikit-learn)
+        print(f"{prefix}: {exc}; install the extra it needs (pip install 'fedbucket[simulate]')", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

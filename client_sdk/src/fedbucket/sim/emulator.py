@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from fedbucket.errors import StorageError
+from fedbucket.protocol.errors import StorageError
 
 
 def emulator_binary() -> Path:

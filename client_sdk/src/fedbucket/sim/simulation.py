@@ -30,10 +30,10 @@ from typing import Literal
 
 import numpy as np
 
-from fedbucket.datasets import Partition, digits, partition
-from fedbucket.layout import LAYOUT
-from fedbucket.schemas import RoundTask, UpdateManifest, utcnow
-from fedbucket.tensors import NUMPY_DTYPES, tensors_to_bytes
+from fedbucket.protocol.documents import RoundTask, UpdateManifest, utcnow
+from fedbucket.protocol.layout import LAYOUT
+from fedbucket.protocol.tensors import NUMPY_DTYPES, tensors_to_bytes
+from fedbucket.sim.datasets import Partition, digits, partition
 
 Role = Literal["honest", "dropout", "straggler", "hostile"]
 ATTACKS = ("wrong_shape", "nan", "huge_values", "pickle", "truncated")
@@ -142,9 +142,9 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
     import torch
 
     from fedbucket.client import Client, compute_delta, upload_update
-    from fedbucket.pytorch import load_global_weights, train_local
-    from fedbucket.tensors import save_tensors
-    from fedbucket.zoo import build_model
+    from fedbucket.protocol.tensors import save_tensors
+    from fedbucket.torch.training import load_global_weights, train_local
+    from fedbucket.torch.zoo import build_model
 
     torch.set_num_threads(1)
     train, _ = digits(seed=config.seed)

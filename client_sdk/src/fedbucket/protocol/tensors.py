@@ -20,8 +20,8 @@ from typing import BinaryIO
 import numpy as np
 from safetensors.numpy import save as _st_save
 
-from fedbucket.errors import MalformedPayload
-from fedbucket.schemas import TensorSchema, TensorSpec
+from fedbucket.protocol.documents import TensorSchema, TensorSpec
+from fedbucket.protocol.errors import MalformedPayload
 
 #: Largest header accepted. DistilBERT's is ~15 KB; 16 MiB leaves room for 100k+ tensors.
 MAX_HEADER_BYTES = 16 * 1024 * 1024

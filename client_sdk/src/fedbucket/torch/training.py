@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbucket.schemas import TrainingConfig
+from fedbucket.protocol.documents import TrainingConfig
 
 
 def load_global_weights(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fedbucket.schemas import ModelSpec
+from fedbucket.protocol.documents import ModelSpec
 
 if TYPE_CHECKING:
     import torch

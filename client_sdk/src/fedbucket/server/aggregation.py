@@ -27,14 +27,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import numpy as np
 
-from fedbucket.errors import MalformedPayload, ObjectNotFound, StorageError, UpdateRejected
-from fedbucket.federation import collect_round_updates, read_document, read_optional, write_document
-from fedbucket.layout import LAYOUT, BucketLayout
-from fedbucket.schemas import (
+from fedbucket.protocol.documents import (
     FLOAT_DTYPES,
     AggregationReport,
     ClosedUpdate,
@@ -42,12 +39,19 @@ from fedbucket.schemas import (
     RoundClosing,
     RoundTask,
     UpdateVerdict,
+    read_document,
+    read_optional,
     utcnow,
+    write_document,
 )
-from fedbucket.storage import ObjectStore, cached_store
-from fedbucket.strategies import Strategy, build_strategy, integer_mean_delta
-from fedbucket.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
-from fedbucket.validation import rejection_verdict, validate_manifest
+from fedbucket.protocol.errors import MalformedPayload, ObjectNotFound, StorageError, UpdateRejected
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import ObjectStore, cached_store
+from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
+from fedbucket.protocol.validation import rejection_verdict, validate_closed
+from fedbucket.server.engine import Engine, serial_engine
+from fedbucket.server.rounds import survey_round
+from fedbucket.server.strategies import Strategy, build_strategy, integer_mean_step
 
 #: Default shard size: 4 Mi elements (16 MiB of float32 per client read, 32 MiB float64 accumulator).
 DEFAULT_SHARD_ELEMENTS = 4 * 1024 * 1024
@@ -85,6 +89,7 @@ class UpdateSource:
     generation: int
     tensors: dict[str, TensorLayout]
     weight: float  # normalised example weight
+    examples: int  # the example count the weight came from (after the round's cap): exact integer means
     scale: float  # norm-bounding factor
 
 
@@ -159,8 +164,8 @@ def _read_pieces(
     return out
 
 
-def _flat(parts: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts, dtype=np.float64) if parts else np.zeros(0)
+def _flat(parts: Sequence[np.ndarray], dtype: type = np.float64) -> np.ndarray:
+    return np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[int, bytes, dict[str, bytes]]:
@@ -173,7 +178,7 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     def split(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         floats = [v for v, f in zip(parts, is_float, strict=True) if f]
         ints = [v for v, f in zip(parts, is_float, strict=True) if not f]
-        return _flat(floats), _flat(ints)
+        return _flat(floats), _flat(ints, np.int64)  # integers stay integers: values above 2**53 survive
 
     base_float, base_int = split(
         _read_pieces(store, plan.base_payload_name, plan.base_generation, plan.base_tensors, shard)
@@ -189,7 +194,7 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     stacked = np.empty((n, base_float.size)) if strategy.needs_all_deltas else None
     combined = np.zeros(base_float.size)
     scratch = np.empty(base_float.size)
-    int_rows = np.empty((n, base_int.size))
+    int_rows = np.empty((n, base_int.size), dtype=np.int64)
     for i, source in enumerate(plan.sources):  # client-id order: the same bits on every run
         parts = _read_pieces(store, source.payload_name, source.generation, source.tensors, shard)
         for (floating, at, count), values in zip(spans, parts, strict=True):
@@ -207,7 +212,7 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     new_float, state = strategy.step(
         base_float, combined, _read_state(store, plan, strategy, float_pieces, base_float.size)
     )
-    new_int = base_int + integer_mean_delta(int_rows, weights) if base_int.size else base_int
+    new_int = integer_mean_step(base_int, int_rows, [s.examples for s in plan.sources]) if base_int.size else base_int
 
     out = bytearray()
     next_float = next_int = 0
@@ -297,17 +302,6 @@ def write_state(
 # ---------------------------------------------------------------------------------------------
 # The driver: validate, plan, aggregate through an engine, write. Engine-independent.
 
-T = TypeVar("T")
-R = TypeVar("R")
-Engine = Callable[[Callable[[T], R], Sequence[T]], list[R]]
-"""Runs ``func`` over ``items`` and returns the results in item order. The Spark jobs pass a Spark
-engine (a few tasks per core, each working through a run of items); :func:`serial_engine` runs
-in-process."""
-
-
-def serial_engine(func: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    return [func(item) for item in items]
-
 
 @dataclass(frozen=True)
 class _Validated:
@@ -320,7 +314,7 @@ def _validate_closed(store_url: str, task: RoundTask, exact_norm: bool, closed: 
     store = cached_store(store_url)
     client_id = closed.manifest.client_id
     try:
-        update = validate_manifest(store, task, closed.manifest, closed.committed_at, exact_norm=exact_norm)
+        update = validate_closed(store, task, closed, exact_norm=exact_norm)
     except UpdateRejected as exc:
         return _Validated(rejection_verdict(client_id, exc, closed.committed_at), None)
     except StorageError as exc:  # the client deleted or replaced its payload under us
@@ -331,10 +325,16 @@ def _validate_closed(store_url: str, task: RoundTask, exact_norm: bool, closed: 
         payload_name=update.payload_name,
         generation=update.payload_generation,
         tensors={n: TensorLayout.of(t) for n, t in update.header.tensors.items()},
-        weight=float(update.manifest.num_examples),
+        weight=0.0,  # set once every update is validated
+        examples=update.manifest.num_examples,
         scale=1.0,
     )
-    return _Validated(update.verdict(), source, update.l2_norm)
+    verdict = update.verdict()
+    cap = task.max_examples_per_update
+    if cap is not None and update.manifest.num_examples > cap:  # a claim beyond the round's bound
+        source = dataclasses.replace(source, examples=cap)
+        verdict.reason = f"num_examples {update.manifest.num_examples} clamped to the round's cap of {cap}"
+    return _Validated(verdict, source, update.l2_norm)
 
 
 def round_inputs(store: ObjectStore, task: RoundTask, *, layout: BucketLayout = LAYOUT) -> RoundClosing:
@@ -342,8 +342,15 @@ def round_inputs(store: ObjectStore, task: RoundTask, *, layout: BucketLayout = 
     closing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
     if closing is not None:
         return closing
-    on_time, late = collect_round_updates(store, task, layout=layout)
-    return RoundClosing(round_id=task.round_id, closed_at=utcnow(), reason="deadline", updates=on_time, late=late)
+    survey = survey_round(store, task, layout=layout)
+    return RoundClosing(
+        round_id=task.round_id,
+        closed_at=utcnow(),
+        reason="deadline",
+        updates=survey.on_time,
+        late=survey.rejected,
+        ignored_objects=survey.ignored,
+    )
 
 
 def run_aggregation(
@@ -372,11 +379,11 @@ def run_aggregation(
     exact_norm = strategy.clip_norm is not None  # the norm scales the update: compute it deterministically
     validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
     accepted = [v for v in validated if v.source is not None]
-    total_examples = sum(v.verdict.num_examples for v in accepted)
+    total_examples = sum(v.source.examples for v in accepted if v.source is not None)
     sources = tuple(
         dataclasses.replace(
             v.source,
-            weight=v.verdict.num_examples / total_examples,
+            weight=v.source.examples / total_examples,
             scale=strategy.client_scale(v.l2_norm),
         )
         for v in accepted
@@ -387,7 +394,8 @@ def run_aggregation(
     verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
     validate_seconds = time.perf_counter() - started
     for v in verdicts:
-        log(f"  {'ACCEPT' if v.accepted else 'REJECT'} {v.client_id}: " + (v.reason or f"weight {v.weight:.4f}"))
+        detail = f"weight {v.weight:.4f}" + (f" ({v.reason})" if v.reason else "") if v.accepted else v.reason
+        log(f"  {'ACCEPT' if v.accepted else 'REJECT'} {v.client_id}: {detail}")
     report = AggregationReport(
         round_id=round_id,
         status="below_quorum",

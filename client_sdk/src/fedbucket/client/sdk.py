@@ -29,21 +29,30 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from fedbucket.errors import (
+from fedbucket.protocol.documents import (
+    ModelManifest,
+    RoundPointer,
+    RoundTask,
+    UpdateManifest,
+    describe_validation_error,
+    read_document,
+    read_optional,
+    sha256_file,
+    utcnow,
+)
+from fedbucket.protocol.errors import (
     ChecksumMismatch,
     InvalidManifest,
     PreconditionFailed,
     RoundNotOpen,
     SchemaMismatch,
     StaleUpdate,
-    StorageError,
+    WaitTimeout,
 )
-from fedbucket.federation import read_document, read_optional, sha256_file
-from fedbucket.layout import LAYOUT, BucketLayout, check_identifier
-from fedbucket.schemas import ModelManifest, RoundPointer, RoundTask, UpdateManifest, describe_validation_error, utcnow
-from fedbucket.storage import ObjectStore, ProgressCallback, open_store
-from fedbucket.tensors import NUMPY_DTYPES, load_tensors, save_tensors
-from fedbucket.validation import check_payload
+from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
+from fedbucket.protocol.storage import ObjectStore, ProgressCallback, open_store
+from fedbucket.protocol.tensors import NUMPY_DTYPES, load_tensors, save_tensors
+from fedbucket.protocol.validation import check_payload
 
 StateDict = Mapping[str, Any]
 """A state dict: names to numpy arrays or torch tensors."""
@@ -66,7 +75,7 @@ def upload_update(
     The payload goes to a content-addressed name (``<sha256>.safetensors``, create-only), the
     manifest after it; a reader that sees the manifest therefore always finds its payload, and
     a resubmission within the round atomically replaces the earlier one by overwriting the
-    manifest. Raises :class:`~fedbucket.errors.UpdateRejected` subclasses for invalid payloads
+    manifest. Raises :class:`~fedbucket.protocol.errors.UpdateRejected` subclasses for invalid payloads
     and :class:`RoundNotOpen` past the deadline (unless ``check_deadline=False``, which only the
     straggler simulation uses: the server judges lateness on its own clock anyway).
     """
@@ -144,7 +153,7 @@ class Client:
             ``google.auth`` credentials object; ``None`` uses Application Default Credentials.
         cache_dir: where fetched models are cached by version (default
             ``~/.cache/fedbucket``); a version is never downloaded twice.
-        store: an already opened :class:`~fedbucket.storage.ObjectStore` (a seam for tests).
+        store: an already opened :class:`~fedbucket.protocol.storage.ObjectStore` (a seam for tests).
 
     Use it as a context manager or call :meth:`close`.
     """
@@ -157,18 +166,12 @@ class Client:
         credentials: str | os.PathLike[str] | object | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         store: ObjectStore | None = None,
+        retry_timeout: float | None = None,
         layout: BucketLayout = LAYOUT,
     ) -> None:
         self.client_id = check_identifier(client_id, "client id")
         self.layout = layout
-        if isinstance(credentials, str | os.PathLike):
-            from google.oauth2 import service_account
-
-            try:
-                credentials = service_account.Credentials.from_service_account_file(os.fspath(credentials))
-            except (OSError, ValueError) as exc:
-                raise StorageError(f"cannot use credentials file {os.fspath(credentials)!r}: {exc}") from None
-        self.store = store or open_store(bucket_url, credentials=credentials)
+        self.store = store or open_store(bucket_url, credentials=credentials, retry_timeout=retry_timeout)
         root = Path(cache_dir or os.environ.get("FEDBUCKET_CACHE", Path.home() / ".cache" / "fedbucket"))
         self.cache_dir = root / hashlib.sha256(self.store.url.encode()).hexdigest()[:16]
 
@@ -187,7 +190,7 @@ class Client:
     ) -> RoundTask:
         """Block until a round is open (and, with ``after``, is not that round id); return its task.
 
-        Raises :class:`TimeoutError` after ``timeout`` seconds.
+        Raises :class:`~fedbucket.protocol.errors.WaitTimeout` after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -195,7 +198,7 @@ class Client:
             if task is not None and task.round_id != after and utcnow() < task.deadline:
                 return task
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"no new round opened within {timeout:.0f}s")
+                raise WaitTimeout(f"no new round opened within {timeout:.0f}s")
             time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
 
     def submitted(self, round_id: str) -> UpdateManifest | None:

@@ -4,7 +4,7 @@ Checks run cheapest first and before any allocation sized by the input: ids agai
 path, the manifest document, base version and commit time, payload size, the safetensors header
 (length, offsets, dtypes), names/shapes/dtypes against the round's schema; then one streaming
 pass over the payload (``STREAM_CHUNK_BYTES`` at a time) for the sha256, finiteness and the L2
-norm. Every failure is an :class:`~fedbucket.errors.UpdateRejected` subclass whose ``code`` and
+norm. Every failure is an :class:`~fedbucket.protocol.errors.UpdateRejected` subclass whose ``code`` and
 ``reason`` go into the round report.
 """
 
@@ -18,7 +18,16 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fedbucket.errors import (
+from fedbucket.protocol.documents import (
+    FLOAT_DTYPES,
+    ClosedUpdate,
+    RoundTask,
+    TensorSchema,
+    UpdateManifest,
+    UpdateVerdict,
+    parse_document,
+)
+from fedbucket.protocol.errors import (
     ChecksumMismatch,
     InvalidIdentifier,
     InvalidManifest,
@@ -27,16 +36,17 @@ from fedbucket.errors import (
     NonFiniteValues,
     NormTooLarge,
     ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
     SchemaError,
     SchemaMismatch,
     StaleUpdate,
     UpdateRejected,
     UpdateTooLarge,
 )
-from fedbucket.layout import LAYOUT, BucketLayout
-from fedbucket.schemas import FLOAT_DTYPES, RoundTask, TensorSchema, UpdateManifest, UpdateVerdict, parse_document
-from fedbucket.storage import STREAM_CHUNK_BYTES, ObjectStore
-from fedbucket.tensors import Header, read_header
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import STREAM_CHUNK_BYTES, ObjectInfo, ObjectStore
+from fedbucket.protocol.tensors import Header, header_length, parse_header, read_header
 
 #: An update manifest is a few hundred bytes; anything above this is refused unread.
 MAX_MANIFEST_BYTES = 64 * 1024
@@ -187,16 +197,13 @@ def read_update_manifest(
 ) -> tuple[UpdateManifest, datetime]:
     """Parse an update manifest and check its ids against its path; returns it and its commit time."""
     client_id, round_id = layout.parse_update_manifest(manifest_name)
+    try:
+        raw, generation = store.get_bytes(manifest_name, max_bytes=MAX_MANIFEST_BYTES)
+    except ObjectTooLarge:
+        raise InvalidManifest(f"manifest is larger than the {MAX_MANIFEST_BYTES} bytes allowed") from None
     info = store.stat(manifest_name)
-    if info.size > MAX_MANIFEST_BYTES:
-        raise InvalidManifest(f"manifest is {info.size} bytes; at most {MAX_MANIFEST_BYTES} allowed")
-    raw, generation = store.get_bytes(manifest_name)
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise InvalidManifest(f"manifest is {len(raw)} bytes; at most {MAX_MANIFEST_BYTES} allowed")
-    if generation != info.generation:  # replaced between stat and read: take the commit time of what we read
-        info = store.stat(manifest_name)
-        if info.generation != generation:
-            raise InvalidManifest("manifest kept changing while being read; the client is rewriting it")
+    if info.generation != generation:  # replaced between read and stat: the commit time must be of what we read
+        raise InvalidManifest("manifest kept changing while being read; the client is rewriting it")
     try:
         manifest = parse_document(UpdateManifest, raw, source=manifest_name)
     except SchemaError as exc:
@@ -209,27 +216,70 @@ def read_update_manifest(
     return manifest, info.updated
 
 
+def precheck_update(
+    store: ObjectStore,
+    task: RoundTask,
+    manifest: UpdateManifest,
+    manifest_committed_at: datetime,
+    *,
+    layout: BucketLayout = LAYOUT,
+) -> ClosedUpdate:
+    """The cheap checks an update must pass to count toward a round's quorum.
+
+    Reads the payload's metadata and its safetensors header only (two small range reads, never
+    the data): it exists, its size is the manifest's, it is within the round's limit, its header
+    matches the round's schema, and neither the manifest nor the payload was committed after the
+    deadline (commit times from the store's clock). Returns the update as it stands, with the
+    payload generation pinned; the full check (sha256, values, norm) runs in aggregation.
+    """
+    if manifest.base_model_version != task.base_model_version:
+        raise StaleUpdate(
+            f"update was trained from model {manifest.base_model_version!r}; "
+            f"round {task.round_id!r} is based on {task.base_model_version!r}"
+        )
+    payload_name = layout.update_payload(manifest.client_id, manifest.round_id, manifest.sha256)
+    try:
+        payload = store.stat(payload_name)
+    except ObjectNotFound:
+        raise MalformedPayload(f"payload {payload_name} named by the manifest does not exist") from None
+    committed_at = max(manifest_committed_at, payload.updated)
+    if committed_at > task.deadline:
+        raise late_error(task, committed_at)
+    if payload.size != manifest.size_bytes:
+        raise MalformedPayload(f"payload is {payload.size} bytes; the manifest says {manifest.size_bytes}")
+    if payload.size > task.max_update_bytes:
+        raise UpdateTooLarge(f"payload is {payload.size} bytes; this round accepts at most {task.max_update_bytes}")
+    first8 = store.read_range(payload_name, 0, 8, generation=payload.generation)
+    length = header_length(first8, payload.size)
+    header = parse_header(
+        first8 + store.read_range(payload_name, 8, 8 + length, generation=payload.generation), payload.size
+    )
+    check_schema(header, task.tensors)
+    return ClosedUpdate(manifest=manifest, committed_at=committed_at, payload_generation=payload.generation)
+
+
 def validate_update(
     store: ObjectStore, task: RoundTask, manifest_name: str, *, layout: BucketLayout = LAYOUT
 ) -> ValidatedUpdate:
     """Run every check on the update whose manifest is ``manifest_name``; raise or return it."""
     manifest, committed_at = read_update_manifest(store, manifest_name, layout=layout)
-    return validate_manifest(store, task, manifest, committed_at, layout=layout)
+    return validate_closed(store, task, precheck_update(store, task, manifest, committed_at, layout=layout))
 
 
-def validate_manifest(
+def validate_closed(
     store: ObjectStore,
     task: RoundTask,
-    manifest: UpdateManifest,
-    committed_at: datetime,
+    closed: ClosedUpdate,
     *,
     exact_norm: bool = False,
     layout: BucketLayout = LAYOUT,
 ) -> ValidatedUpdate:
-    """Every check after the manifest was read (and its ids matched its path).
+    """Every check on an update a round closed with, reading exactly the payload generation that
+    was present at the close (a payload replaced or re-created since is refused).
 
     ``exact_norm``: compute the L2 norm in float64 (needed when it scales the update: clipping).
     """
+    manifest = closed.manifest
     if manifest.round_id != task.round_id:
         raise InvalidIdentifier(f"update is for round {manifest.round_id!r}, not {task.round_id!r}")
     if manifest.base_model_version != task.base_model_version:
@@ -237,21 +287,21 @@ def validate_manifest(
             f"update was trained from model {manifest.base_model_version!r}; "
             f"round {task.round_id!r} is based on {task.base_model_version!r}"
         )
-    if committed_at > task.deadline:
-        raise late_error(task, committed_at)
+    if closed.committed_at > task.deadline:
+        raise late_error(task, closed.committed_at)
     payload_name = layout.update_payload(manifest.client_id, manifest.round_id, manifest.sha256)
+    if manifest.size_bytes > task.max_update_bytes:
+        raise UpdateTooLarge(
+            f"payload is {manifest.size_bytes} bytes; this round accepts at most {task.max_update_bytes}"
+        )
     try:
-        payload = store.stat(payload_name)
-    except ObjectNotFound:
-        raise MalformedPayload(f"payload {payload_name} named by the manifest does not exist") from None
-    if payload.size != manifest.size_bytes:
-        raise MalformedPayload(f"payload is {payload.size} bytes; the manifest says {manifest.size_bytes}")
-    if payload.size > task.max_update_bytes:
-        raise UpdateTooLarge(f"payload is {payload.size} bytes; this round accepts at most {task.max_update_bytes}")
-    with store.open_reader(payload_name, generation=payload.generation) as fp:
+        reader = store.open_reader(payload_name, generation=closed.payload_generation)
+    except (ObjectNotFound, PreconditionFailed):
+        raise MalformedPayload(f"payload {payload_name} is no longer the one present when the round closed") from None
+    with reader as fp:
         summary = check_payload(
             fp,
-            payload.size,
+            manifest.size_bytes,
             schema=task.tensors,
             max_bytes=task.max_update_bytes,
             expected_sha256=manifest.sha256,
@@ -262,10 +312,10 @@ def validate_manifest(
         client_id=manifest.client_id,
         manifest=manifest,
         payload_name=payload_name,
-        payload_generation=payload.generation,
+        payload_generation=closed.payload_generation,
         header=summary.header,
         l2_norm=summary.l2_norm,
-        committed_at=committed_at,
+        committed_at=closed.committed_at,
     )
 
 
@@ -274,18 +324,32 @@ def late_error(task: RoundTask, committed_at: datetime) -> LateUpdate:
     return LateUpdate(f"committed {late_by:.1f}s after the deadline {task.deadline.isoformat()}")
 
 
-def list_update_manifests(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> list[str]:
+@dataclass(frozen=True)
+class RoundListing:
+    """The update manifests of one round, and the objects that matched but cannot be attributed."""
+
+    manifests: list[ObjectInfo]
+    ignored: int
+
+    @property
+    def names(self) -> list[str]:
+        return [info.name for info in self.manifests]
+
+
+def list_update_manifests(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> RoundListing:
     """Names of every update manifest committed for ``round_id``, sorted by client id.
 
-    Objects under ``updates/`` that are not well-formed manifest paths are skipped here; they
-    cannot be attributed to a client and are never read.
+    Lists only this round's manifests (a glob the store filters on), so the cost does not grow
+    with past rounds. Names whose client id is unsafe are never read; they are counted in
+    ``ignored`` so the round report can show that something tried.
     """
-    names = []
-    for info in store.list("updates/"):
+    found, ignored = [], 0
+    for info in store.list(match_glob=layout.update_manifest_glob(round_id)):
         try:
             _, rid = layout.parse_update_manifest(info.name)
         except InvalidIdentifier:
+            ignored += 1
             continue
         if rid == round_id:
-            names.append(info.name)
-    return sorted(names)
+            found.append(info)
+    return RoundListing(sorted(found, key=lambda info: info.name), ignored)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fedbucket.errors import InvalidIdentifier
+from fedbucket.protocol.errors import InvalidIdentifier
 
 #: Client ids, round ids and model versions: lowercase-safe names usable in object paths.
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -103,6 +103,10 @@ class BucketLayout:
         if not _SHA256_PATTERN.fullmatch(sha256):
             raise InvalidIdentifier(f"payload sha256 {sha256!r} is not 64 lowercase hex digits")
         return self.update_prefix(client_id, round_id) + f"{sha256}.safetensors"
+
+    def update_manifest_glob(self, round_id: str) -> str:
+        """A ``match_glob`` pattern for every client's manifest of one round (and nothing else)."""
+        return f"updates/*/{check_identifier(round_id, 'round id')}/manifest.json"
 
     def parse_update_manifest(self, name: str) -> tuple[str, str]:
         """Return ``(client_id, round_id)`` of an update manifest's object name.

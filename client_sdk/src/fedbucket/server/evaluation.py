@@ -15,12 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbucket.aggregation import Engine, serial_engine
-from fedbucket.federation import current_model, read_document, write_document
-from fedbucket.layout import LAYOUT, BucketLayout
-from fedbucket.schemas import ClassMetrics, EvaluationReport, ModelManifest, ModelMetrics, ModelSpec
-from fedbucket.storage import ObjectStore, cached_store
-from fedbucket.tensors import Header, read_header, tensors_from_bytes
+from fedbucket.protocol.documents import (
+    ClassMetrics,
+    EvaluationReport,
+    ModelManifest,
+    ModelMetrics,
+    ModelSpec,
+    read_document,
+    write_document,
+)
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import ObjectStore, cached_store
+from fedbucket.protocol.tensors import Header, read_header, tensors_from_bytes
+from fedbucket.server.engine import Engine, serial_engine
+from fedbucket.server.rounds import current_model
 
 DEFAULT_ROWS_PER_TASK = 4096
 
@@ -41,8 +49,8 @@ class _EvalPlan:
 
 @functools.lru_cache(maxsize=4)
 def _load_model(store_url: str, name: str, generation: int, spec_json: str):  # noqa: ANN202 - torch module
-    from fedbucket.pytorch import load_global_weights
-    from fedbucket.zoo import build_model
+    from fedbucket.torch.training import load_global_weights
+    from fedbucket.torch.zoo import build_model
 
     data = cached_store(store_url).read_range(name, 0, cached_store(store_url).stat(name).size, generation=generation)
     model = build_model(ModelSpec.model_validate_json(spec_json))
@@ -55,7 +63,7 @@ def evaluate_rows(plan: _EvalPlan, rows: tuple[int, int]) -> dict[str, tuple[np.
     """Confusion matrix (true x predicted) and summed cross-entropy of each model on ``rows``."""
     import torch
 
-    from fedbucket.tensors import NUMPY_DTYPES
+    from fedbucket.protocol.tensors import NUMPY_DTYPES
 
     start, stop = rows
     store = cached_store(plan.store_url)

@@ -18,16 +18,20 @@ arXiv:1911.07963) works with every strategy: each client's delta is scaled by
 ``min(1, clip_norm / ||delta||)`` with the L2 norm taken over all its floating-point tensors.
 
 Integer tensors (buffers such as BatchNorm's ``num_batches_tracked``) are not parameters: every
-strategy gives them ``base + round_half_even(example-weighted mean of the deltas)``, with no
-clipping and no server optimiser.
+strategy gives them ``base + round_half_even(example-weighted mean of the deltas)``, computed in
+exact integer arithmetic (:func:`integer_mean_step`), with no clipping and no server optimiser.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+
+from fedbucket.protocol.errors import ConfigError
 
 State = dict[str, np.ndarray]
 
@@ -263,17 +267,53 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
     """Instantiate a strategy by name (``fedavg``, ``fedavgm``, ``fedadagrad``, ``fedadam``,
-    ``fedyogi``, ``fedmedian``, ``fedtrimmedavg``) with keyword options."""
+    ``fedyogi``, ``fedmedian``, ``fedtrimmedavg``) with keyword options.
+
+    Raises :class:`ConfigError` for an unknown strategy, an option it does not take (its
+    constructor's keywords are its schema), a value that is not a number, or an out-of-range one.
+    """
     try:
         cls = STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
+    options = dict(options or {})
+    accepted = _keywords(cls)
+    if unknown := sorted(set(options) - accepted):
+        raise ConfigError(f"strategy {name!r} takes no option(s) {unknown}; it takes {sorted(accepted)}")
+    for key, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"strategy {name!r}: option {key} must be a number, got {value!r}")
     try:
-        return cls(**(options or {}))
-    except TypeError as exc:
-        raise ValueError(f"strategy {name!r}: {exc}") from None
+        return cls(**options)
+    except ValueError as exc:
+        raise ConfigError(f"strategy {name!r}: {exc}") from None
 
 
-def integer_mean_delta(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The rule for integer tensors: example-weighted mean of the deltas, rounded half to even."""
-    return np.rint(Strategy().combine(deltas, weights))
+def _keywords(cls: type[Strategy]) -> set[str]:
+    """The keyword options a strategy's constructor (and its bases', through ``**kwargs``) takes."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def integer_mean_step(base: np.ndarray, deltas: np.ndarray, examples: Sequence[int]) -> np.ndarray:
+    """The rule for integer tensors: ``base + round_half_even(sum_i n_i * delta_i / sum_i n_i)``,
+    computed in exact integer arithmetic (Python ints), so ties round the documented way and
+    int64 values beyond 2**53 survive. ``deltas``: int64, shape ``(clients, k)``; ``examples``: the
+    clients' (capped) example counts. The result is int64 (OverflowError if it leaves int64)."""
+    total = sum(int(n) for n in examples)
+    numerator = np.zeros(deltas.shape[1], dtype=object)
+    for row, n in zip(deltas, examples, strict=True):  # object arrays: arbitrary precision
+        numerator = numerator + row.astype(object) * int(n)
+    quotient, remainder = numerator // total, numerator % total  # floor division: 0 <= remainder < total
+    twice = remainder * 2
+    round_up = (twice > total) | ((twice == total) & (quotient % 2 == 1))
+    mean = quotient + round_up.astype(object)
+    return np.array(base.astype(object) + mean, dtype=np.int64)

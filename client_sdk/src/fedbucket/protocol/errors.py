@@ -5,9 +5,12 @@
     FedbucketError
     ├── StorageError                  the bucket could not be read or written
     │   ├── ObjectNotFound            no object at that name
-    │   └── PreconditionFailed        compare-and-swap lost: the object changed meanwhile
+    │   ├── PreconditionFailed        compare-and-swap lost: the object changed meanwhile
+    │   ├── ObjectTooLarge            an object is larger than its reader's bound
+    │   └── StorageUnavailable        the endpoint kept failing; gave up after the retry timeout
     ├── SchemaError                   a JSON document is not a valid protocol document
     │   └── UnsupportedSchemaVersion  a document of a protocol version this code does not speak
+    ├── ConfigError                   invalid settings: config file, run parameters, strategy options
     ├── UpdateRejected                an untrusted update failed validation (``.code``, ``.reason``)
     │   ├── InvalidIdentifier         client or round id unsafe or not matching the object path
     │   ├── InvalidManifest           the update manifest is not a valid protocol document
@@ -19,7 +22,12 @@
     │   ├── ChecksumMismatch          payload bytes differ from the manifest's sha256
     │   ├── StaleUpdate               made against another base model than the round's
     │   └── LateUpdate                committed after the round's deadline
-    └── RoundNotOpen                  no open round, or the round closed / passed its deadline
+    ├── RoundNotOpen                  no open round, or the round closed / passed its deadline
+    └── WaitTimeout                   no round opened within the time a caller was willing to wait
+
+Foreign failures (``OSError`` from a file store, ``google.api_core`` errors, ``RetryError``) are
+translated at the storage boundary; nothing else escapes the public API. ``ConfigError`` is also a
+``ValueError`` and ``WaitTimeout`` a ``TimeoutError``, so generic handlers keep working.
 """
 
 from __future__ import annotations
@@ -39,6 +47,23 @@ class ObjectNotFound(StorageError):
 
 class PreconditionFailed(StorageError):
     """A conditional write lost: the object's generation was not the one expected."""
+
+
+class ObjectTooLarge(StorageError):
+    """An object is larger than the reader accepts (read no further than the bound)."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage endpoint kept failing (connection refused, 5xx, timeouts) until the retry
+    timeout ran out."""
+
+
+class ConfigError(FedbucketError, ValueError):
+    """Settings are invalid: a config file, a run's parameters or a strategy's options."""
+
+
+class WaitTimeout(FedbucketError, TimeoutError):
+    """Waiting for something in the bucket (a round to open) took longer than allowed."""
 
 
 class SchemaError(FedbucketError):

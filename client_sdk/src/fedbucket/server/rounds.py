@@ -1,28 +1,25 @@
-"""Server-side operations on a federation bucket: publish models, open rounds, promote.
+"""The round lifecycle on the bucket: publish models, open a round, decide when its wait ends,
+freeze and close it.
 
-These are the write paths of the protocol that only the server (the Airflow DAG, the Spark jobs,
-``fedbucket init``) takes. Each is a transaction on the bucket: payload objects first, documents
-after them, pointers last, pointers moved by compare-and-swap.
+These are write paths only the server (the Airflow DAG, the Spark jobs, ``fedbucket init``)
+takes. Each is a transaction on the bucket: payload objects first, documents after them, pointers
+last, pointers moved by compare-and-swap. Decisions are pure functions of what the bucket holds
+(commit times from the store's clock), so every look at the bucket, and every re-run, agrees.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
-from fedbucket.config import FederationConfig
-from fedbucket.errors import ObjectNotFound, PreconditionFailed, UpdateRejected
-from fedbucket.layout import LAYOUT, BucketLayout
-from fedbucket.schemas import (
+from fedbucket.protocol.documents import (
     ClosedUpdate,
-    Document,
-    DocumentT,
     ModelManifest,
     ModelPointer,
     ModelSpec,
@@ -31,41 +28,40 @@ from fedbucket.schemas import (
     RoundTask,
     TrainingConfig,
     UpdateVerdict,
-    parse_document,
+    read_document,
+    read_optional,
+    sha256_file,
+    write_document,
 )
-from fedbucket.storage import ObjectStore
-from fedbucket.tensors import read_header_file, save_tensors
-from fedbucket.validation import late_error, list_update_manifests, read_update_manifest, rejection_verdict
+from fedbucket.protocol.errors import InvalidManifest, ObjectNotFound, PreconditionFailed, StorageError, UpdateRejected
+from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.protocol.tensors import read_header_file, save_tensors
+from fedbucket.protocol.validation import (
+    list_update_manifests,
+    precheck_update,
+    read_update_manifest,
+    rejection_verdict,
+)
+from fedbucket.server.config import RoundSettings
 
 #: Default hard limit on an update's size: the model's own size plus header slack, times 1.
 UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
+ROUND_ID_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
-def read_document(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT, int]:
-    """Read and parse one protocol document; returns it and its generation."""
-    raw, generation = store.get_bytes(name)
-    return parse_document(cls, raw, source=f"{store.url}/{name}"), generation
+def round_id_for(logical_date: datetime | None, run_after: datetime, requested: str | None = None) -> str:
+    """The round id of a DAG run.
 
-
-def read_optional(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT | None, int]:
-    """Like :func:`read_document`, but ``(None, 0)`` when the object does not exist."""
-    try:
-        return read_document(store, name, cls)
-    except ObjectNotFound:
-        return None, 0
-
-
-def write_document(store: ObjectStore, name: str, doc: Document, *, if_generation_match: int | None = None) -> int:
-    """Write a document in its canonical bytes; returns the new generation."""
-    return store.put_bytes(name, doc.to_json_bytes(), if_generation_match=if_generation_match).generation
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
+    ``requested`` (the ``round_id`` param of a manual trigger) wins. Otherwise scheduled and
+    backfill runs use their logical date (deterministic: a backfill or a clear of the same date
+    is the same round), and manual runs (no logical date) the run's ``run_after`` time, fixed when
+    the run was created, so a clear-and-rerun of a manual run is the same round too.
+    """
+    if requested:
+        return check_identifier(str(requested), "round id")
+    moment = logical_date if logical_date is not None else run_after
+    return moment.strftime(ROUND_ID_FORMAT)
 
 
 def publish_model_file(
@@ -150,6 +146,7 @@ def open_round(
     min_clients: int = 1,
     max_clients: int | None = None,
     max_update_norm: float | None = None,
+    max_examples_per_update: int | None = None,
     layout: BucketLayout = LAYOUT,
 ) -> RoundTask:
     """Write ``rounds/<round>/task.json`` based on the current model and point ``rounds/current.json``
@@ -173,6 +170,7 @@ def open_round(
             min_clients=min_clients,
             max_clients=max_clients,
             max_update_norm=max_update_norm,
+            max_examples_per_update=max_examples_per_update,
         )
         try:
             write_document(store, layout.round_task(round_id), task, if_generation_match=0)
@@ -210,30 +208,75 @@ def close_round(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAY
     )
 
 
-def collect_round_updates(
-    store: ObjectStore, task: RoundTask, *, layout: BucketLayout = LAYOUT
-) -> tuple[list[ClosedUpdate], list[UpdateVerdict]]:
-    """The round's committed updates as they stand now: ``(on_time, late_or_unreadable)``.
+@dataclass
+class RoundSurvey:
+    """A round's updates as they stand: on time and passing the cheap checks (they count toward
+    the quorum), rejected (late, or failing those checks), and unattributable object names."""
 
-    Only manifests are read here (cheap); payloads are validated by aggregation. A manifest that
-    cannot be parsed or whose ids differ from its path is reported with the late ones.
-    """
-    on_time: list[ClosedUpdate] = []
-    rejected: list[UpdateVerdict] = []
-    for name in list_update_manifests(store, task.round_id, layout=layout):
-        client_id, _ = layout.parse_update_manifest(name)
+    on_time: list[ClosedUpdate] = field(default_factory=list)
+    rejected: list[UpdateVerdict] = field(default_factory=list)
+    ignored: int = 0
+
+    def quorum_reached_at(self, quorum: int) -> datetime | None:
+        """When the ``quorum``-th on-time update was committed (store clock), if it was."""
+        times = sorted(u.committed_at for u in self.on_time)
+        return times[quorum - 1] if len(times) >= quorum else None
+
+
+PrecheckCache = dict[tuple[str, int], ClosedUpdate]
+"""Updates that passed the cheap checks, by (manifest name, manifest generation): a waiting step
+re-reads only what changed since its last look."""
+
+
+def survey_round(
+    store: ObjectStore, task: RoundTask, *, cache: PrecheckCache | None = None, layout: BucketLayout = LAYOUT
+) -> RoundSurvey:
+    """Read the round's manifests (listed by round, not from all history) and run the cheap
+    checks of :func:`~fedbucket.protocol.validation.precheck_update` on each; payload data is
+    validated by aggregation. Garbage cannot fill a round: it is rejected here, before the quorum."""
+    listing = list_update_manifests(store, task.round_id, layout=layout)
+    survey = RoundSurvey(ignored=listing.ignored)
+    for info in listing.manifests:
+        cached = cache.get((info.name, info.generation)) if cache is not None else None
+        if cached is not None:
+            survey.on_time.append(cached)
+            continue
+        client_id, _ = layout.parse_update_manifest(info.name)
         try:
-            manifest, committed_at = read_update_manifest(store, name, layout=layout)
+            manifest, committed_at = read_update_manifest(store, info.name, layout=layout)
+            closed = precheck_update(store, task, manifest, committed_at, layout=layout)
         except UpdateRejected as exc:
-            rejected.append(rejection_verdict(client_id, exc))
+            survey.rejected.append(rejection_verdict(client_id, exc))
             continue
         except ObjectNotFound:
             continue  # deleted between list and read
-        if committed_at > task.deadline:
-            rejected.append(rejection_verdict(client_id, late_error(task, committed_at), committed_at))
-        else:
-            on_time.append(ClosedUpdate(manifest=manifest, committed_at=committed_at))
-    return on_time, rejected
+        except StorageError as exc:  # not a regular file, changed under us, unreadable
+            survey.rejected.append(rejection_verdict(client_id, InvalidManifest(f"unreadable: {exc}")))
+            continue
+        survey.on_time.append(closed)
+        if cache is not None:
+            cache[(info.name, info.generation)] = closed
+    return survey
+
+
+def wait_decision(survey: RoundSurvey, *, now: datetime, deadline: datetime, settings: RoundSettings) -> str | None:
+    """Why the wait for updates ends now, or ``None`` to keep waiting.
+
+    ``max_clients``: that many on-time updates passed the cheap checks. ``quorum``: ``min_clients``
+    did, and the grace period since the commit of the ``min_clients``-th has passed (derived from
+    the store's commit times, so every look at the bucket agrees). ``deadline``: the deadline plus
+    ``settle_seconds`` (so updates still in flight are seen and recorded as late) passed with at
+    least ``min_clients_at_deadline``. ``below_quorum``: it passed with fewer (the round is abandoned).
+    """
+    on_time = len(survey.on_time)
+    if settings.max_clients is not None and on_time >= settings.max_clients:
+        return "max_clients"
+    reached = survey.quorum_reached_at(settings.min_clients)
+    if reached is not None and now - reached >= timedelta(seconds=settings.grace_seconds):
+        return "quorum"
+    if now >= deadline + timedelta(seconds=settings.settle_seconds):
+        return "deadline" if on_time >= settings.quorum_at_deadline else "below_quorum"
+    return None
 
 
 def freeze_round(
@@ -251,8 +294,15 @@ def freeze_round(
     """
     existing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
     if existing is None:
-        on_time, late = collect_round_updates(store, task, layout=layout)
-        closing = RoundClosing(round_id=task.round_id, closed_at=closed_at, reason=reason, updates=on_time, late=late)
+        survey = survey_round(store, task, layout=layout)
+        closing = RoundClosing(
+            round_id=task.round_id,
+            closed_at=closed_at,
+            reason=reason,
+            updates=survey.on_time,
+            late=survey.rejected,
+            ignored_objects=survey.ignored,
+        )
         try:
             write_document(store, layout.round_closing(task.round_id), closing, if_generation_match=0)
             existing = closing
@@ -260,73 +310,3 @@ def freeze_round(
             existing, _ = read_document(store, layout.round_closing(task.round_id), RoundClosing)
     close_round(store, task.round_id, layout=layout)
     return existing
-
-
-def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> ModelManifest:
-    """Make round ``round_id``'s candidate the current model.
-
-    The candidate is published as ``models/<round_id>/`` (create-only; a re-run finds the same
-    bytes there) and ``models/current.json`` is moved by compare-and-swap, only if it still points
-    at the candidate's base: a candidate built on an older model never replaces a newer one, so
-    re-running an old round cannot move the pointer backwards. Raises :class:`PreconditionFailed`
-    when the base has moved on.
-    """
-    candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
-    pointer, generation = current_model(store, layout=layout)
-    published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
-    if published is not None and published.sha256 != candidate.sha256:
-        raise PreconditionFailed(f"model version {candidate.version!r} already exists with other bytes")
-    if pointer.version == candidate.version:
-        return candidate  # promoted by an earlier run
-    if pointer.version != candidate.base_version:
-        if published is not None:
-            return candidate  # promoted by an earlier run, and newer models followed: leave the pointer
-        raise PreconditionFailed(
-            f"candidate of round {round_id} was built on model {candidate.base_version!r}, but the current "
-            f"model is {pointer.version!r}: not promoted"
-        )
-    if published is None:  # publish first, then move the pointer: a crash in between is finished on retry
-        store.copy(layout.candidate_payload(round_id), layout.model_payload(candidate.version))
-        try:
-            write_document(store, layout.model_manifest(candidate.version), candidate, if_generation_match=0)
-        except PreconditionFailed:  # a concurrent promoter got there first
-            published, _ = read_document(store, layout.model_manifest(candidate.version), ModelManifest)
-            if published.sha256 != candidate.sha256:
-                raise
-    set_current_model(store, candidate, expected_generation=generation)
-    return candidate
-
-
-def init_federation(
-    store: ObjectStore,
-    config: FederationConfig,
-    *,
-    holdout: Mapping[str, np.ndarray] | None = None,
-    layout: BucketLayout = LAYOUT,
-) -> tuple[ModelManifest, bool]:
-    """Initialise a federation: the initial model (version ``init``, from the config's model and
-    seed), the held-out evaluation split, and an empty round state.
-
-    ``holdout`` is a state dict with ``x`` (float32 features) and ``y`` (int64 labels); by default
-    the digits hold-out split. Idempotent: returns ``(manifest, False)`` when already initialised.
-    """
-    existing, _ = read_optional(store, layout.current_model, ModelPointer)
-    if existing is not None:
-        manifest, _ = read_document(store, layout.model_manifest(existing.version), ModelManifest)
-        return manifest, False
-    from fedbucket.pytorch import state_dict_to_numpy
-    from fedbucket.zoo import build_model
-
-    if holdout is None:
-        from fedbucket.datasets import digits
-
-        _, split = digits(holdout_fraction=config.holdout_fraction, seed=config.seed)
-        holdout = {"x": split.x, "y": split.y}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "holdout.safetensors"
-        save_tensors(holdout, path)
-        store.upload_file(layout.holdout, path)
-    model = build_model(config.model, seed=config.seed)
-    manifest = publish_model(store, state_dict_to_numpy(model), version="init", model=config.model, layout=layout)
-    set_current_model(store, manifest, expected_generation=0)
-    return manifest, True

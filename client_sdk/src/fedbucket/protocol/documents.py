@@ -2,21 +2,24 @@
 
 Every document carries ``kind`` (which model it is) and ``schema_version`` (which version of it).
 Readers call :func:`parse_document`, which refuses a version it does not know with
-:class:`~fedbucket.errors.UnsupportedSchemaVersion` before looking at anything else, so an old
+:class:`~fedbucket.protocol.errors.UnsupportedSchemaVersion` before looking at anything else, so an old
 server never half-understands a newer client (or the reverse). Unknown fields are errors too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedbucket.errors import SchemaError, UnsupportedSchemaVersion
-from fedbucket.layout import IDENTIFIER_PATTERN
+from fedbucket.protocol.errors import ObjectNotFound, SchemaError, UnsupportedSchemaVersion
+from fedbucket.protocol.layout import IDENTIFIER_PATTERN
+from fedbucket.protocol.storage import ObjectStore
 
 #: The protocol version this package writes and the versions it reads.
 SCHEMA_VERSION = 1
@@ -93,7 +96,7 @@ def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "doc
     if not isinstance(data, dict):
         raise SchemaError(f"{source}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:  # `true == 1` in Python
         raise UnsupportedSchemaVersion(
             f"{source}: schema_version {version!r} is not supported by fedbucket "
             f"(this version reads {sorted(SUPPORTED_SCHEMA_VERSIONS)}); upgrade the fedbucket package "
@@ -103,7 +106,8 @@ def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "doc
     if kind != cls.kind:
         raise SchemaError(f"{source}: expected a {cls.kind!r} document, got kind {kind!r}")
     try:
-        return cls.model_validate(data)
+        # Strict: no coercion of untrusted input ("5" is not an int, true is not a version).
+        return cls.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         raise SchemaError(f"{source}: {describe_validation_error(exc)}") from None
 
@@ -150,10 +154,12 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    learning_rate: float = Field(default=0.05, gt=0, le=10)
-    proximal_mu: float = Field(default=0.0, ge=0, le=100)
+    local_epochs: int = Field(default=1, ge=1, le=1000, description="passes over the local data per round")
+    batch_size: int = Field(default=32, ge=1, le=65536, description="local mini-batch size")
+    learning_rate: float = Field(default=0.05, gt=0, le=10, description="local SGD learning rate")
+    proximal_mu: float = Field(
+        default=0.0, ge=0, le=100, description="FedProx proximal term weight (0 = plain FedAvg local training)"
+    )
 
 
 class RoundTask(Document):
@@ -172,6 +178,7 @@ class RoundTask(Document):
     max_update_norm: float | None = Field(default=None, gt=0)
     min_clients: int = Field(default=1, ge=1)
     max_clients: int | None = Field(default=None, ge=1)
+    max_examples_per_update: int | None = Field(default=None, ge=1)
 
     _tz_opened = field_validator("opened_at", "deadline")(_utc)
 
@@ -223,12 +230,17 @@ class UpdateVerdict(BaseModel):
 
 
 class ClosedUpdate(BaseModel):
-    """One on-time update as it stood when its round closed."""
+    """One on-time update as it stood when its round closed.
+
+    ``committed_at`` is the later of the manifest's and the payload's commit times (store clock);
+    ``payload_generation`` pins the payload bytes that were present at the close.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     manifest: UpdateManifest
     committed_at: datetime
+    payload_generation: int
 
     _tz_committed = field_validator("committed_at")(_utc)
 
@@ -247,6 +259,7 @@ class RoundClosing(Document):
     reason: Literal["max_clients", "quorum", "deadline", "below_quorum"]
     updates: list[ClosedUpdate] = Field(default_factory=list)
     late: list[UpdateVerdict] = Field(default_factory=list)
+    ignored_objects: int = Field(default=0, ge=0, description="objects under updates/ with unsafe path ids")
 
     _tz_closed = field_validator("closed_at")(_utc)
 
@@ -301,12 +314,13 @@ class RoundReport(Document):
 
     kind: ClassVar[str] = "round-report"
     round_id: Identifier
-    status: Literal["promoted", "rejected", "abandoned", "failed"]
+    status: Literal["promoted", "rejected", "superseded", "abandoned", "failed"]
     base_model_version: Identifier
     candidate_sha256: Sha256 | None = None
     promoted_version: Identifier | None = None
     message: str = ""
     updates: list[UpdateVerdict] = Field(default_factory=list)
+    ignored_objects: int = Field(default=0, ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -333,3 +347,35 @@ def document_class(kind: str) -> type[Document]:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing documents in a store
+
+
+def read_document(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT, int]:
+    """Read and parse one protocol document (at most ``MAX_DOCUMENT_BYTES`` are read); returns it
+    and its generation."""
+    raw, generation = store.get_bytes(name, max_bytes=MAX_DOCUMENT_BYTES)
+    return parse_document(cls, raw, source=f"{store.url}/{name}"), generation
+
+
+def read_optional(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT | None, int]:
+    """Like :func:`read_document`, but ``(None, 0)`` when the object does not exist."""
+    try:
+        return read_document(store, name, cls)
+    except ObjectNotFound:
+        return None, 0
+
+
+def write_document(store: ObjectStore, name: str, doc: Document, *, if_generation_match: int | None = None) -> int:
+    """Write a document in its canonical bytes; returns the new generation."""
+    return store.put_bytes(name, doc.to_json_bytes(), if_generation_match=if_generation_match).generation
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -29,6 +29,12 @@ def digits(*, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Spli
     return Split(x_tr, y_tr), Split(x_ho, y_ho)
 
 
+def digits_holdout(seed: int = 0, holdout_fraction: float = 0.2) -> dict[str, np.ndarray]:
+    """The digits hold-out split as the ``{"x", "y"}`` state dict ``fedbucket init`` publishes."""
+    _, split = digits(holdout_fraction=holdout_fraction, seed=seed)
+    return {"x": split.x, "y": split.y}
+
+
 def partition(
     labels: np.ndarray,
     num_clients: int,

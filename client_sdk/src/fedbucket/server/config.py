@@ -1,0 +1,215 @@
+"""A federation's settings: one TOML file read by ``fedbucket init``, the DAG and the jobs.
+
+Example (``dags/federation.toml`` is a complete one)::
+
+    bucket = "file:///tmp/fedbucket-demo"
+    model = { name = "mlp", kwargs = { hidden = 64 } }
+
+    [round]
+    deadline_seconds = 120
+    min_clients = 3
+
+    [aggregation]
+    strategy = "fedavg"
+
+Every field has a default except ``bucket``; unknown keys are errors (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedbucket.protocol.documents import Identifier, ModelSpec, TrainingConfig, describe_validation_error
+from fedbucket.protocol.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoundSettings(_Section):
+    """When a round stops waiting for updates."""
+
+    deadline_seconds: float = Field(default=600.0, gt=0, description="how long clients have to submit")
+    min_clients: int = Field(default=2, ge=1, description="quorum: stop waiting (after the grace period) once reached")
+    max_clients: int | None = Field(default=None, ge=1, description="stop waiting at once when this many arrived")
+    grace_seconds: float = Field(default=0.0, ge=0, description="after the quorum, wait this long for more updates")
+    min_clients_at_deadline: int | None = Field(
+        default=None, ge=1, description="at the deadline, aggregate if this many arrived (default: min_clients)"
+    )
+    settle_seconds: float = Field(
+        default=5.0, ge=0, description="at the deadline, wait this long before closing so in-flight uploads are seen"
+    )
+    max_update_norm: float | None = Field(default=None, gt=0, description="reject updates with a larger L2 norm")
+    max_examples_per_update: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap on the example count one update may claim (larger claims are clamped to it and the "
+        "report says so); None trusts clients' counts, so one client could take nearly all the FedAvg weight",
+    )
+    poll_seconds: float = Field(default=5.0, gt=0, description="how often the wait step looks at the bucket")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoundSettings:
+        if self.max_clients is not None and self.max_clients < self.min_clients:
+            raise ValueError("max_clients must be at least min_clients")
+        return self
+
+    @property
+    def quorum_at_deadline(self) -> int:
+        return self.min_clients_at_deadline or self.min_clients
+
+
+class AggregationSettings(_Section):
+    strategy: str = Field(default="fedavg", description="aggregation strategy (docs/aggregation.md)")
+    options: dict[str, Any] = Field(default_factory=dict, description='the strategy\'s options, e.g. {"clip_norm": 5}')
+    engine: Literal["local", "dataproc"] = "local"
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = Field(
+        default="2g", pattern=r"^[0-9]+[mg]$", description="driver heap; 2g holds a DistilBERT-sized candidate"
+    )
+    spark_submit: str | None = Field(default=None, description="spark-submit to run (default: next to Python)")
+
+
+class DataprocSettings(_Section):
+    """Where the Spark jobs run when ``aggregation.engine = "dataproc"`` (see docs/deploy.md)."""
+
+    project_id: str = Field(min_length=6, max_length=30)
+    region: str = Field(min_length=3)
+    cluster_config: str = Field(
+        default="dataproc_cluster.json",
+        description="cluster config JSON written from Terraform's output, relative to this config file",
+    )
+    artifacts_root: str = Field(
+        pattern=r"^gs://[^/]+/.+[^/]$", description="gs://<artifacts bucket>/fedbucket/<version>: code the cluster runs"
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class GateSettings(_Section):
+    """When a candidate may replace the current model."""
+
+    metric: Literal["accuracy", "macro_f1", "loss"] = Field(default="accuracy", description="metric the gate compares")
+    tolerance: float = Field(
+        default=0.0, ge=0, description="how much worse than the current model the candidate may be on the gate metric"
+    )
+
+
+class FederationConfig(_Section):
+    bucket: str = Field(min_length=1, description="federation root URL: gs://bucket/prefix or file:///dir")
+    model: ModelSpec = ModelSpec(name="mlp", kwargs={"hidden": 64})
+    seed: int = 0
+    schedule: str | None = Field(default=None, description="cron or preset (e.g. '@hourly'); None = manual rounds")
+    round: RoundSettings = RoundSettings()
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationSettings = AggregationSettings()
+    gate: GateSettings = GateSettings()
+    dataproc: DataprocSettings | None = None
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    retries: int = Field(default=2, ge=0, description="Airflow retries of each round step")
+    retry_delay_seconds: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> FederationConfig:
+        if self.aggregation.engine == "dataproc" and self.dataproc is None:
+            raise ValueError('aggregation.engine = "dataproc" needs a [dataproc] section')
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> FederationConfig:
+        """Read and validate a TOML config; :class:`SchemaError` names the file and the field."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+        from fedbucket.server.strategies import build_strategy
+
+        build_strategy(config.aggregation.strategy, config.aggregation.options)  # ConfigError names the option
+        return config
+
+
+#: Settings a manual run may override (Airflow Params / ``--conf`` keys) -> where they live.
+RUN_PARAMETERS: dict[str, tuple[str, str]] = {
+    "deadline_seconds": ("round", "deadline_seconds"),
+    "min_clients": ("round", "min_clients"),
+    "max_clients": ("round", "max_clients"),
+    "min_clients_at_deadline": ("round", "min_clients_at_deadline"),
+    "grace_seconds": ("round", "grace_seconds"),
+    "max_examples_per_update": ("round", "max_examples_per_update"),
+    "strategy": ("aggregation", "strategy"),
+    "strategy_options": ("aggregation", "options"),
+    "local_epochs": ("training", "local_epochs"),
+    "batch_size": ("training", "batch_size"),
+    "learning_rate": ("training", "learning_rate"),
+    "proximal_mu": ("training", "proximal_mu"),
+    "gate_tolerance": ("gate", "tolerance"),
+}
+
+
+class RunSettings(_Section):
+    """Everything one round run uses: resolved once by the publish step from the config and the
+    run's parameters, passed to every later step as one JSON document (the publish step's XCom)
+    and parsed there with this model. The wait, the Spark jobs and the report never re-read Params.
+    """
+
+    round_id: Identifier
+    bucket: str
+    round: RoundSettings
+    training: TrainingConfig
+    aggregation: AggregationSettings
+    gate: GateSettings
+    aggregation_quorum: int = Field(
+        ge=1, description="valid updates aggregation needs: the quorum that still closes a round at its deadline"
+    )
+
+    @model_validator(mode="after")
+    def _quorum_follows_round(self) -> RunSettings:
+        if self.aggregation_quorum != self.round.quorum_at_deadline:
+            raise ValueError("aggregation_quorum must equal the round's quorum at the deadline")
+        return self
+
+    @classmethod
+    def resolve(cls, config: FederationConfig, round_id: str, overrides: dict[str, Any]) -> RunSettings:
+        """The config overridden by a run's parameters (``None`` keeps the config's value).
+
+        Raises :class:`ConfigError` for an unknown parameter (a typo must not fall back to a
+        default), an invalid value, or strategy options the strategy does not take.
+        """
+        unknown = sorted(set(overrides) - set(RUN_PARAMETERS) - {"round_id"})
+        if unknown:
+            raise ConfigError(f"unknown run parameter(s) {unknown}; known: {sorted(RUN_PARAMETERS)}")
+        sections: dict[str, dict[str, Any]] = {
+            "round": config.round.model_dump(),
+            "training": config.training.model_dump(),
+            "aggregation": config.aggregation.model_dump(),
+            "gate": config.gate.model_dump(),
+        }
+        for key, value in overrides.items():
+            if key in RUN_PARAMETERS and value is not None:
+                section, field = RUN_PARAMETERS[key]
+                sections[section][field] = value
+        try:
+            round_settings = RoundSettings.model_validate(sections["round"])
+            settings = cls.model_validate(
+                {
+                    "round_id": round_id,
+                    "bucket": config.bucket,
+                    **sections,
+                    "aggregation_quorum": round_settings.quorum_at_deadline,
+                }
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"run parameters: {describe_validation_error(exc)}") from None
+        from fedbucket.server.strategies import build_strategy
+
+        build_strategy(settings.aggregation.strategy, settings.aggregation.options)
+        return settings

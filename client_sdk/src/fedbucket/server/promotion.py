@@ -1,0 +1,89 @@
+"""Promotion: the gate a candidate must pass, and the compare-and-swap that makes it current.
+
+A promotion is what ``models/current.json`` says, nothing else. The candidate is published as
+``models/<round>/`` first (so the pointer never names a missing model) and the pointer is then
+moved by compare-and-swap, only from the candidate's own base. So the models the pointer has
+named form a chain through ``base_version``, and "round R was promoted" means exactly "R is on
+the chain from the current model back" (:func:`was_promoted`) — a published copy that lost the
+swap is not on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedbucket.protocol.documents import EvaluationReport, ModelManifest, read_document, read_optional, write_document
+from fedbucket.protocol.errors import PreconditionFailed
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.server.config import GateSettings
+from fedbucket.server.rounds import current_model, set_current_model
+
+#: A bound on the walk back through the model chain (a chain that long is a corrupted bucket).
+MAX_CHAIN = 100_000
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    message: str
+
+
+def gate_decision(evaluation: EvaluationReport, gate: GateSettings) -> GateDecision:
+    """Whether the candidate may replace the round's base model, and why (deterministic text)."""
+    candidate, current = evaluation.candidate, evaluation.current
+    if not candidate.finite or not all(math.isfinite(getattr(candidate, m)) for m in ("accuracy", "macro_f1")):
+        return GateDecision(False, "candidate metrics are not finite")
+    new, old = getattr(candidate, gate.metric), getattr(current, gate.metric)
+    passed = new <= old + gate.tolerance if gate.metric == "loss" else new >= old - gate.tolerance
+    relation = "within" if passed else "outside"
+    return GateDecision(
+        passed, f"candidate {gate.metric} {new:.4f} vs current {old:.4f}: {relation} the tolerance {gate.tolerance:g}"
+    )
+
+
+def was_promoted(store: ObjectStore, candidate: ModelManifest, *, layout: BucketLayout = LAYOUT) -> bool:
+    """Whether ``candidate`` is, or once was, the current model: it lies on the chain from the
+    current model back through ``base_version`` (stopping at the candidate's own base)."""
+    version: str | None = current_model(store, layout=layout)[0].version
+    for _ in range(MAX_CHAIN):
+        if version == candidate.version:
+            return True
+        if version is None or version == candidate.base_version:
+            return False
+        manifest, _ = read_optional(store, layout.model_manifest(version), ModelManifest)
+        version = manifest.base_version if manifest is not None else None
+    return False
+
+
+def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> ModelManifest:
+    """Make round ``round_id``'s candidate the current model.
+
+    Publishes it as ``models/<round_id>/`` (create-only; a retry finds the same bytes there), then
+    moves ``models/current.json`` by compare-and-swap from the candidate's base. A no-op if it was
+    promoted before. Raises :class:`PreconditionFailed` when the pointer has moved past the base
+    (another promotion won, or this is a re-run of an old round): the pointer never goes backwards.
+    """
+    candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
+    if was_promoted(store, candidate, layout=layout):
+        return candidate
+    pointer, generation = current_model(store, layout=layout)
+    if pointer.version != candidate.base_version:
+        raise PreconditionFailed(
+            f"candidate of round {round_id} was built on model {candidate.base_version!r}, but the current "
+            f"model is {pointer.version!r}: not promoted"
+        )
+    published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
+    if published is not None and published.sha256 != candidate.sha256:
+        raise PreconditionFailed(f"model version {candidate.version!r} already exists with other bytes")
+    if published is None:  # publish first, then move the pointer: a crash in between is finished on retry
+        store.copy(layout.candidate_payload(round_id), layout.model_payload(candidate.version))
+        try:
+            write_document(store, layout.model_manifest(candidate.version), candidate, if_generation_match=0)
+        except PreconditionFailed:  # a concurrent promoter got there first
+            published, _ = read_document(store, layout.model_manifest(candidate.version), ModelManifest)
+            if published.sha256 != candidate.sha256:
+                raise
+    set_current_model(store, candidate, expected_generation=generation)
+    return candidate

@@ -1,0 +1,117 @@
+"""The round report: how a round ended, built only from what the round left in the bucket.
+
+The status follows the bucket, never a task's say-so: ``promoted`` means the model pointer moved
+to this round's candidate (:func:`~fedbucket.server.promotion.was_promoted`). Building the report
+twice from the same bucket gives the same bytes, so a re-run of a round reproduces its report.
+"""
+
+from __future__ import annotations
+
+from fedbucket.protocol.documents import (
+    AggregationReport,
+    EvaluationReport,
+    ModelManifest,
+    RoundClosing,
+    RoundReport,
+    RoundTask,
+    UpdateVerdict,
+    read_document,
+    read_optional,
+)
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.server.config import GateSettings
+from fedbucket.server.promotion import gate_decision, was_promoted
+from fedbucket.server.rounds import current_model
+
+
+def build_round_report(
+    store: ObjectStore, round_id: str, gate: GateSettings, *, layout: BucketLayout = LAYOUT
+) -> RoundReport:
+    """The report of round ``round_id``: promoted, rejected (by the gate), superseded (the gate
+    passed but another model became current first), abandoned (below quorum) or failed (a step
+    did not finish; the message names it)."""
+    task, _ = read_document(store, layout.round_task(round_id), RoundTask)
+    closing, _ = read_optional(store, layout.round_closing(round_id), RoundClosing)
+    aggregation, _ = read_optional(store, layout.aggregation_report(round_id), AggregationReport)
+    evaluation, _ = read_optional(store, layout.evaluation_report(round_id), EvaluationReport)
+    candidate, _ = read_optional(store, layout.candidate_manifest(round_id), ModelManifest)
+    if aggregation is not None:
+        updates = list(aggregation.updates)
+    elif closing is not None:  # the on-time updates were never validated
+        updates = [
+            UpdateVerdict(
+                client_id=u.manifest.client_id,
+                accepted=False,
+                code="not_aggregated",
+                reason="the round ended before aggregation; the update was not validated or used",
+                num_examples=u.manifest.num_examples,
+                committed_at=u.committed_at,
+            )
+            for u in closing.updates
+        ] + list(closing.late)
+    else:
+        updates = []
+    metrics = {}
+    if evaluation is not None:
+        metrics = {"candidate": evaluation.candidate.model_dump(), "current": evaluation.current.model_dump()}
+
+    if closing is None:
+        status, message = "failed", "the round never closed: the wait step did not finish (see its task log)"
+    elif closing.reason == "below_quorum" or (aggregation is not None and aggregation.status == "below_quorum"):
+        valid = sum(1 for u in updates if u.accepted)
+        status = "abandoned"
+        message = f"abandoned: {len(closing.updates)} update(s) by the close, {valid} valid; quorum not reached"
+    elif aggregation is None or candidate is None:
+        status, message = "failed", "aggregation did not finish (see the aggregate task log)"
+    elif evaluation is None:
+        status, message = "failed", "evaluation did not finish (see the evaluate task log)"
+    else:
+        decision = gate_decision(evaluation, gate)
+        pointer, _ = current_model(store, layout=layout)
+        if was_promoted(store, candidate, layout=layout):
+            status, message = "promoted", f"promoted: {decision.message}"
+        elif not decision.passed:
+            status, message = "rejected", f"gate refused: {decision.message}"
+        elif pointer.version != candidate.base_version:
+            status = "superseded"
+            message = (
+                f"the gate passed ({decision.message}), but the current model moved from "
+                f"{candidate.base_version} to {pointer.version} first: not promoted"
+            )
+        else:
+            status = "failed"
+            message = f"the gate passed ({decision.message}) but the pointer did not move: the promote step failed"
+    return RoundReport(
+        round_id=round_id,
+        status=status,
+        base_model_version=task.base_model_version,
+        candidate_sha256=candidate.sha256 if candidate else None,
+        promoted_version=candidate.version if status == "promoted" and candidate else None,
+        message=message,
+        updates=updates,
+        ignored_objects=closing.ignored_objects if closing else 0,
+        metrics=metrics,
+    )
+
+
+def summary_lines(report: RoundReport) -> list[str]:
+    """The human summary of a round for the task log."""
+    accepted = [u for u in report.updates if u.accepted]
+    rejected = [u for u in report.updates if not u.accepted]
+    lines = [
+        f"round {report.round_id}: {report.status.upper()} — {report.message}",
+        f"  base model {report.base_model_version}; {len(accepted)} update(s) accepted, {len(rejected)} rejected",
+    ]
+    lines += [f"  ACCEPT {u.client_id:16s} {u.num_examples:6d} examples  weight {u.weight:.3f}" for u in accepted]
+    lines += [f"  REJECT {u.client_id:16s} {u.code}: {u.reason}" for u in rejected]
+    if report.ignored_objects:
+        lines.append(f"  IGNORED {report.ignored_objects} object(s) under updates/ with unsafe path ids")
+    if report.metrics:
+        for label in ("current", "candidate"):
+            m = report.metrics[label]
+            lines.append(
+                f"  {label:9s} {m['version']}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                f"loss {m['loss']:.4f}"
+            )
+    return lines
