@@ -2,10 +2,11 @@
 # version fedbucket pins; PyPI packages come from requirements-composer.txt (see docs/deploy.md).
 
 resource "google_composer_environment" "federation" {
-  count  = var.create_composer ? 1 : 0
-  name   = "${var.name_prefix}-composer"
-  region = var.region
-  labels = local.labels
+  count   = var.create_composer ? 1 : 0
+  project = var.project_id
+  name    = "${var.name_prefix}-composer"
+  region  = var.region
+  labels  = local.labels
 
   config {
     software_config {

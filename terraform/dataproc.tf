@@ -3,13 +3,14 @@
 # step), so the cluster the DAG creates is exactly the one described here.
 
 resource "google_storage_bucket_object" "init_action" {
-  bucket = google_storage_bucket.artifacts.name
+  bucket = google_storage_bucket.buckets["artifacts"].name
   name   = "fedbucket/init/install-fedbucket.sh"
   source = "${path.module}/scripts/install-fedbucket.sh"
 }
 
 resource "google_dataproc_autoscaling_policy" "secondary" {
   count     = var.dataproc_max_secondary_workers > 0 ? 1 : 0
+  project   = var.project_id
   policy_id = "${var.name_prefix}-secondary"
   location  = var.region
 
@@ -73,7 +74,7 @@ locals {
       }
       initialization_actions = [
         {
-          executable_file   = "gs://${google_storage_bucket.artifacts.name}/${google_storage_bucket_object.init_action.name}"
+          executable_file   = "gs://${google_storage_bucket.buckets["artifacts"].name}/${google_storage_bucket_object.init_action.name}"
           execution_timeout = { seconds = 900 }
         },
       ]

@@ -1,17 +1,20 @@
 # Least privilege, no default compute service account, no primitive roles.
 
 resource "google_service_account" "composer" {
+  project      = var.project_id
   account_id   = "${var.name_prefix}-composer"
   display_name = "fedbucket: Airflow (Composer) running the round DAG"
 }
 
 resource "google_service_account" "dataproc" {
+  project      = var.project_id
   account_id   = "${var.name_prefix}-dataproc"
   display_name = "fedbucket: Dataproc nodes running aggregation and evaluation"
 }
 
 resource "google_service_account" "client" {
   for_each     = var.clients
+  project      = var.project_id
   account_id   = "${var.name_prefix}-c-${each.key}"
   display_name = "fedbucket client ${each.key}"
   description  = each.value.description
@@ -38,7 +41,7 @@ resource "google_service_account_iam_member" "composer_acts_as_dataproc" {
 }
 
 resource "google_storage_bucket_iam_member" "composer_federation" {
-  bucket = google_storage_bucket.federation.name
+  bucket = google_storage_bucket.buckets["federation"].name
   role   = "roles/storage.objectUser" # publish rounds, freeze them, promote, write reports
   member = google_service_account.composer.member
 }
@@ -51,13 +54,13 @@ resource "google_project_iam_member" "dataproc_worker" {
 }
 
 resource "google_storage_bucket_iam_member" "dataproc_federation" {
-  bucket = google_storage_bucket.federation.name
+  bucket = google_storage_bucket.buckets["federation"].name
   role   = "roles/storage.objectUser"
   member = google_service_account.dataproc.member
 }
 
 resource "google_storage_bucket_iam_member" "dataproc_artifacts" {
-  bucket = google_storage_bucket.artifacts.name
+  bucket = google_storage_bucket.buckets["artifacts"].name
   role   = "roles/storage.objectViewer"
   member = google_service_account.dataproc.member
 }
@@ -67,7 +70,7 @@ resource "google_storage_bucket_iam_member" "dataproc_artifacts" {
 # client can neither list the bucket nor read another client's update.
 resource "google_storage_bucket_iam_member" "client_own_updates" {
   for_each = var.clients
-  bucket   = google_storage_bucket.federation.name
+  bucket   = google_storage_bucket.buckets["federation"].name
   role     = "roles/storage.objectUser"
   member   = google_service_account.client[each.key].member
 
@@ -80,7 +83,7 @@ resource "google_storage_bucket_iam_member" "client_own_updates" {
 
 resource "google_storage_bucket_iam_member" "client_read_round" {
   for_each = var.clients
-  bucket   = google_storage_bucket.federation.name
+  bucket   = google_storage_bucket.buckets["federation"].name
   role     = "roles/storage.objectViewer"
   member   = google_service_account.client[each.key].member
 
@@ -93,4 +96,12 @@ resource "google_storage_bucket_iam_member" "client_read_round" {
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/task.json\"))",
     ])
   }
+}
+
+# --- Cloud Storage usage-log delivery: with uniform bucket-level access the log writer needs an
+# IAM role on the log bucket (ACLs do not apply). Create-only, on that bucket alone.
+resource "google_storage_bucket_iam_member" "access_log_delivery" {
+  bucket = google_storage_bucket.buckets["access_logs"].name
+  role   = "roles/storage.objectCreator"
+  member = "group:cloud-storage-analytics@google.com"
 }

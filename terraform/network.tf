@@ -1,9 +1,11 @@
 resource "google_compute_network" "federation" {
+  project                 = var.project_id
   name                    = "${var.name_prefix}-net"
   auto_create_subnetworks = false
 }
 
 resource "google_compute_subnetwork" "dataproc" {
+  project                  = var.project_id
   name                     = "${var.name_prefix}-dataproc"
   network                  = google_compute_network.federation.id
   region                   = var.region
@@ -19,6 +21,7 @@ resource "google_compute_subnetwork" "dataproc" {
 
 # Dataproc nodes talk to each other on all ports (YARN, HDFS, Spark shuffle); nobody else may.
 resource "google_compute_firewall" "dataproc_internal" {
+  project     = var.project_id
   name        = "${var.name_prefix}-dataproc-internal"
   network     = google_compute_network.federation.id
   direction   = "INGRESS"
@@ -40,6 +43,7 @@ resource "google_compute_firewall" "dataproc_internal" {
 
 # SSH only through Identity-Aware Proxy TCP forwarding (its fixed source range), for debugging.
 resource "google_compute_firewall" "iap_ssh" {
+  project       = var.project_id
   name          = "${var.name_prefix}-iap-ssh"
   network       = google_compute_network.federation.id
   direction     = "INGRESS"

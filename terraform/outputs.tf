@@ -1,6 +1,6 @@
 output "federation_url" {
   description = "The federation root URL for fedbucket clients and the DAG config (bucket = ...)."
-  value       = "gs://${google_storage_bucket.federation.name}/${var.federation_prefix}"
+  value       = "gs://${google_storage_bucket.buckets["federation"].name}/${var.federation_prefix}"
 }
 
 output "artifacts_root" {
@@ -26,4 +26,9 @@ output "dataproc_cluster_config" {
 output "composer_environment" {
   description = "Name of the Composer environment, if created."
   value       = var.create_composer ? google_composer_environment.federation[0].name : null
+}
+
+output "buckets" {
+  description = "Bucket names by role: federation, artifacts (the code the clusters run; make deploy ARTIFACTS_BUCKET=gs://<artifacts>) and access_logs."
+  value       = { for key, bucket in google_storage_bucket.buckets : key => bucket.name }
 }

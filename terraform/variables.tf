@@ -4,7 +4,7 @@ variable "project_id" {
 
   validation {
     condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project_id))
-    error_message = "project_id must be a Google Cloud project id: 6-30 lowercase letters, digits and hyphens."
+    error_message = "project_id must be a Google Cloud project id (not its name or number): 6-30 lowercase letters, digits and hyphens, starting with a letter, e.g. my-fl-project."
   }
 }
 
@@ -14,7 +14,7 @@ variable "region" {
 
   validation {
     condition     = can(regex("^[a-z]+-[a-z]+[0-9]$", var.region))
-    error_message = "region must look like europe-west4 or us-central1."
+    error_message = "region must be a region, not a zone or multi-region: e.g. europe-west4 or us-central1."
   }
 }
 
@@ -31,11 +31,11 @@ variable "name_prefix" {
 
 variable "bucket_name" {
   type        = string
-  description = "Name of the federation bucket (globally unique). The DAG and the clients use gs://<bucket_name>/<federation_prefix>."
+  description = "Name of the federation bucket (globally unique). The DAG and the clients use gs://<bucket_name>/<federation_prefix>. The module also creates <bucket_name>-artifacts and <bucket_name>-access-logs."
 
   validation {
-    condition     = can(regex("^[a-z0-9][a-z0-9_-]{1,61}[a-z0-9]$", var.bucket_name))
-    error_message = "bucket_name: 3-63 lowercase letters, digits, hyphens or underscores (no dots: they complicate TLS and domain verification)."
+    condition     = can(regex("^[a-z0-9][a-z0-9_-]{1,49}[a-z0-9]$", var.bucket_name))
+    error_message = "bucket_name: 3-51 lowercase letters, digits, hyphens or underscores, starting and ending with a letter or digit (51, not 63: <bucket_name>-access-logs must fit in 63; no dots: they complicate TLS and domain verification)."
   }
 }
 
@@ -70,7 +70,7 @@ variable "update_retention_days" {
 
   validation {
     condition     = var.update_retention_days >= 1 && var.update_retention_days <= 3650
-    error_message = "update_retention_days must be between 1 and 3650."
+    error_message = "update_retention_days must be between 1 and 3650; keep it longer than a round lasts (updates are read until the round closes)."
   }
 }
 
@@ -81,24 +81,24 @@ variable "candidate_retention_days" {
 
   validation {
     condition     = var.candidate_retention_days >= 1
-    error_message = "candidate_retention_days must be at least 1."
+    error_message = "candidate_retention_days must be at least 1 (days)."
   }
 }
 
 variable "noncurrent_version_retention_days" {
   type        = number
-  description = "Overwritten or deleted object versions (the bucket is versioned) are kept this many days for recovery and audit."
+  description = "Overwritten or deleted object versions are kept this many days for recovery and audit, in all three buckets (they are versioned)."
   default     = 30
 
   validation {
     condition     = var.noncurrent_version_retention_days >= 1
-    error_message = "noncurrent_version_retention_days must be at least 1."
+    error_message = "noncurrent_version_retention_days must be at least 1 (days)."
   }
 }
 
 variable "kms_key_name" {
   type        = string
-  description = "Optional Cloud KMS key (projects/.../cryptoKeys/...) for customer-managed encryption of the federation bucket. null = Google-managed keys."
+  description = "Optional Cloud KMS key (projects/.../cryptoKeys/...) for customer-managed encryption of all three buckets (federation, artifacts, access logs). The project's Cloud Storage service agent needs roles/cloudkms.cryptoKeyEncrypterDecrypter on it. null = Google-managed keys."
   default     = null
 
   validation {
@@ -109,12 +109,12 @@ variable "kms_key_name" {
 
 variable "audit_retention_seconds" {
   type        = number
-  description = "Optional bucket retention policy: objects cannot be deleted or replaced for this many seconds. Note: it also blocks clients from replacing a manifest within a round. null = no retention policy."
+  description = "Optional retention policy on the federation bucket: objects cannot be deleted or replaced for this many seconds. Note: it also blocks clients from replacing a manifest within a round. null = no retention policy."
   default     = null
 
   validation {
     condition     = var.audit_retention_seconds == null || try(var.audit_retention_seconds > 0, false)
-    error_message = "audit_retention_seconds must be positive (or null)."
+    error_message = "audit_retention_seconds must be a positive number of seconds, or null for no retention policy."
   }
 }
 
@@ -125,7 +125,7 @@ variable "subnet_cidr" {
 
   validation {
     condition     = can(cidrhost(var.subnet_cidr, 0))
-    error_message = "subnet_cidr must be a valid IPv4 CIDR block."
+    error_message = "subnet_cidr must be an IPv4 CIDR block such as 10.40.0.0/20."
   }
 }
 
@@ -191,7 +191,7 @@ variable "dataproc_max_secondary_workers" {
 
   validation {
     condition     = var.dataproc_max_secondary_workers >= 0
-    error_message = "dataproc_max_secondary_workers cannot be negative."
+    error_message = "dataproc_max_secondary_workers cannot be negative; 0 means no autoscaling policy."
   }
 }
 

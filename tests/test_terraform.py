@@ -1,5 +1,8 @@
 """Static checks of terraform/: formatting, checkov, and the security properties the design
-promises, asserted on the parsed HCL (no provider download needed)."""
+promises, asserted on the parsed HCL (no provider download needed).
+
+terraform/ is a callable module (no provider block); terraform/examples/*/ are root configurations
+that configure the provider and call it. Both are parsed and scanned."""
 
 from __future__ import annotations
 
@@ -13,14 +16,35 @@ import hcl2
 import pytest
 
 TERRAFORM = Path(__file__).resolve().parents[1] / "terraform"
+EXAMPLES = TERRAFORM / "examples"
 TOOLS = Path(__file__).resolve().parents[1] / ".tools-venv" / "bin"
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+BUCKETS = {"federation", "artifacts", "access_logs"}
+
+# Every resource type the module uses, by whether the google provider lets it name a project. One
+# that takes `project` but leaves it out lands in the provider's default project, which the module's
+# caller chooses; so each of these must set it. A new resource type must be added to one of the sets.
+TAKES_PROJECT = {
+    "google_storage_bucket",
+    "google_service_account",
+    "google_project_iam_member",
+    "google_compute_network",
+    "google_compute_subnetwork",
+    "google_compute_firewall",
+    "google_dataproc_autoscaling_policy",
+    "google_composer_environment",
+}
+NO_PROJECT_ARGUMENT = {  # scoped by the bucket or service account they name
+    "google_storage_bucket_object",
+    "google_storage_bucket_iam_member",
+    "google_service_account_iam_member",
+}
 
 
 def _clean(value):
-    """python-hcl2 keeps HCL's quotes on keys and strings and marks blocks; drop both."""
+    """python-hcl2 keeps HCL's quotes on keys and strings, marks blocks and keeps comments; drop them."""
     if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items() if k != "__is_block__"}
+        return {_clean(k): _clean(v) for k, v in value.items() if not (k.startswith("__") and k.endswith("__"))}
     if isinstance(value, list):
         return [_clean(v) for v in value]
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
@@ -28,24 +52,47 @@ def _clean(value):
     return value
 
 
-def load() -> dict:
-    resources, variables, text = {}, {}, ""
-    for path in sorted(TERRAFORM.glob("*.tf")):
-        text += path.read_text()
+BLOCK_SECTIONS = {"variable": "variables", "output": "outputs", "locals": "locals", "module": "modules"}
+
+
+def load(folder: Path = TERRAFORM) -> dict:
+    """Every top-level block of the *.tf files of one folder (not its subfolders)."""
+    config = {
+        "resources": {}, "variables": {}, "outputs": {}, "locals": {}, "modules": {},
+        "providers": [], "terraform": [], "moved": [], "text": "",
+    }  # fmt: skip
+    for path in sorted(folder.glob("*.tf")):
+        config["text"] += path.read_text()
         with path.open() as f:
             parsed = _clean(hcl2.load(f))
         for block in parsed.get("resource", []):
             for rtype, named in block.items():
                 for name, body in named.items():
-                    resources[(rtype, name)] = body
-        for block in parsed.get("variable", []):
-            variables.update(block)
-    return {"resources": resources, "variables": variables, "text": text}
+                    config["resources"][(rtype, name)] = body
+        for key, section in BLOCK_SECTIONS.items():
+            for block in parsed.get(key, []):
+                config[section].update(block)
+        config["providers"] += parsed.get("provider", [])
+        config["terraform"] += parsed.get("terraform", [])
+        config["moved"] += parsed.get("moved", [])
+    return config
 
 
 @pytest.fixture(scope="module")
 def tf() -> dict:
     return load()
+
+
+@pytest.fixture(scope="module")
+def examples() -> dict[str, dict]:
+    found = {path.name: load(path) for path in sorted(EXAMPLES.iterdir()) if list(path.glob("*.tf"))}
+    assert found, f"no example root configuration under {EXAMPLES}"
+    return found
+
+
+def _required_providers(config: dict) -> dict:
+    blocks = [req for block in config["terraform"] for req in block["required_providers"]]
+    return {name: spec for req in blocks for name, spec in req.items()}
 
 
 def test_terraform_fmt():
@@ -59,6 +106,7 @@ def test_terraform_fmt():
 def test_checkov_finds_nothing():
     if not (TOOLS / "checkov").exists():
         pytest.fail("checkov is missing: run `make test` (it builds .tools-venv)")
+    # -d is recursive: the module and terraform/examples/*, which checkov follows into the module.
     run = subprocess.run(
         [str(TOOLS / "checkov"), "-d", str(TERRAFORM), "--framework", "terraform", "--skip-download",
          "--output", "json"],
@@ -67,30 +115,141 @@ def test_checkov_finds_nothing():
     report = json.loads(run.stdout)
     summary = report["summary"]
     assert summary["failed"] == 0, [c["check_id"] for c in report["results"]["failed_checks"]]
+    assert summary["parsing_errors"] == 0
     assert summary["passed"] > 30
     # every suppression is inline and carries a reason
     for check in report["results"]["skipped_checks"]:
         assert check["check_result"].get("suppress_comment"), check["check_id"]
+    passed = report["results"]["passed_checks"]
+    # the example was scanned, and through its module call so was the module
+    assert any(c.get("caller_file_path", "").startswith("/examples/") for c in passed)
+    # the one bucket definition passes the bucket checks: uniform access, public access prevention,
+    # versioning, access logging
+    bucket_checks = {c["check_id"] for c in passed if c["resource"].endswith("google_storage_bucket.buckets")}
+    assert {"CKV_GCP_29", "CKV_GCP_114", "CKV_GCP_78", "CKV_GCP_62"} <= bucket_checks
 
 
-def test_every_input_is_typed_described_and_validated(tf):
+def test_every_input_is_typed_described_and_validated(tf, examples):
     for name, body in tf["variables"].items():
         assert body.get("type"), f"variable {name} has no type"
         assert len(body.get("description", "")) > 20, f"variable {name} needs a description"
         if body["type"] != "bool":
             assert body.get("validation"), f"variable {name} has no validation block"
+            for rule in body["validation"]:
+                assert len(rule["error_message"]) > 30, f"variable {name}: say what a valid value looks like"
+    # the examples only carry values in: typed and described; the module validates them
+    for example, config in examples.items():
+        for name, body in config["variables"].items():
+            assert body.get("type") and len(body.get("description", "")) > 20, f"{example}: variable {name}"
+
+
+def test_the_module_has_no_provider_and_the_examples_configure_it(tf, examples):
+    assert tf["providers"] == [], "terraform/ is a callable module: configure the provider in the caller"
+    module_providers = _required_providers(tf)
+    google = module_providers["google"]
+    assert google["source"] == "hashicorp/google"
+    assert re.fullmatch(r">= ?[\d.]+, ?< ?[\d.]+", google["version"]), "a version range: >= tested, < next major"
+    required_inputs = {name for name, body in tf["variables"].items() if "default" not in body}
+    for example, config in examples.items():
+        (provider,) = config["providers"]
+        assert provider["google"]["project"] == "${var.project_id}", example
+        assert _required_providers(config) == module_providers, f"{example}: same provider range as the module"
+        (call,) = config["modules"].values()
+        assert Path(EXAMPLES / example / call["source"]).resolve() == TERRAFORM, f"{example} calls the module"
+        arguments = set(call) - {"source"}
+        assert required_inputs <= arguments, f"{example} misses {required_inputs - arguments}"
+        assert arguments <= set(tf["variables"]), f"{example} passes unknown inputs {arguments - set(tf['variables'])}"
+        # `terraform output` works from the example folder as docs/deploy.md shows it
+        (name,) = config["modules"]
+        assert {o: b["value"] for o, b in config["outputs"].items()} == {
+            o: f"${{module.{name}.{o}}}" for o in tf["outputs"]
+        }, f"{example} re-exports every output of the module"
+
+
+def test_every_resource_sets_project(tf):
+    for (rtype, name), body in tf["resources"].items():
+        assert rtype in TAKES_PROJECT | NO_PROJECT_ARGUMENT, f"{rtype}: add it to TAKES_PROJECT or NO_PROJECT_ARGUMENT"
+        if rtype in TAKES_PROJECT:
+            assert body.get("project") == "${var.project_id}", f"{rtype}.{name} must set project = var.project_id"
+
+
+def test_references_resolve(tf, examples):
+    """What `terraform validate` would catch first, without the provider: every resource, variable,
+    local and module output that is referenced is declared."""
+    text = re.sub(r"(?m)^\s*from\s*=.*$", "", tf["text"])  # what a `moved` block moves from is gone
+    for rtype, name in re.findall(r"(?<![\w.])(google_[a-z0-9_]+)\.([a-z0-9_]+)", text):
+        assert (rtype, name) in tf["resources"], f"{rtype}.{name} is referenced but not declared"
+    for name in re.findall(r"\bvar\.(\w+)", text):
+        assert name in tf["variables"], f"var.{name} is not declared"
+    for name in re.findall(r"\blocal\.(\w+)", text):
+        assert name in tf["locals"], f"local.{name} is not declared"
+    for example, config in examples.items():
+        for name in re.findall(r"\bvar\.(\w+)", config["text"]):
+            assert name in config["variables"], f"{example}: var.{name} is not declared"
+        for output in re.findall(r"\bmodule\.\w+\.(\w+)", config["text"]):
+            assert output in tf["outputs"], f"{example}: the module has no output {output}"
+
+
+def test_buckets_are_hardened_by_one_definition(tf):
+    definitions = {name: body for (rtype, name), body in tf["resources"].items() if rtype == "google_storage_bucket"}
+    assert list(definitions) == ["buckets"], "one google_storage_bucket definition for all buckets"
+    bucket = definitions["buckets"]
+    specs = tf["locals"]["buckets"]
+    assert bucket["for_each"] == "${local.buckets}" and set(specs) == BUCKETS
+    # Literal values on the for_each resource, so they hold for every key: no spec can opt out.
+    for key in specs:
+        assert bucket.get("uniform_bucket_level_access") is True, key
+        assert bucket.get("public_access_prevention") == "enforced", key
+        assert bucket.get("versioning") == [{"enabled": True}], key
+        assert bucket.get("force_destroy") is False, key
+        assert bucket.get("project") == "${var.project_id}", key
+        assert bucket.get("location") == "${var.region}", key
+    (noncurrent,) = bucket["lifecycle_rule"]  # every bucket: old versions are kept, then removed
+    assert noncurrent["condition"][0]["days_since_noncurrent_time"] == "${var.noncurrent_version_retention_days}"
+    assert noncurrent["condition"][0]["with_state"] == "ARCHIVED"
+    dynamic = {name: body for block in bucket["dynamic"] for name, body in block.items()}
+    assert set(dynamic) == {"lifecycle_rule", "encryption", "retention_policy", "logging"}
+    # CMEK: one key for all three buckets, not per spec
+    assert "var.kms_key_name" in dynamic["encryption"]["for_each"]
+    assert "each.value" not in dynamic["encryption"]["for_each"]
+    assert dynamic["lifecycle_rule"]["for_each"] == "${each.value.lifecycle_rules}"
+    assert "each.value.log_bucket" in dynamic["logging"]["for_each"]
+    assert "each.value.retention_seconds" in dynamic["retention_policy"]["for_each"]
+    for rule in (rule for spec in specs.values() for rule in spec["lifecycle_rules"]):
+        assert rule.get("age"), "a Delete rule on live objects without an age would delete everything"
+    # existing deployments keep their buckets: the three former resources move to their keys
+    moves = {m["from"]: m["to"] for m in tf["moved"]}
+    for key in BUCKETS:
+        assert moves.get(f"${{google_storage_bucket.{key}}}") == f'${{google_storage_bucket.buckets["{key}"]}}', key
+
+
+def test_access_logs_reach_their_bucket(tf):
+    specs = tf["locals"]["buckets"]
+    assert specs["access_logs"]["name"] == "${local.access_log_bucket}"
+    assert specs["federation"]["log_bucket"] == specs["artifacts"]["log_bucket"] == "${local.access_log_bucket}"
+    assert specs["access_logs"]["log_bucket"] is None  # it is the log bucket; logging into itself would loop
+    # with uniform bucket-level access the usage-log writer needs an IAM role on the log bucket
+    delivery = [
+        body
+        for (rtype, _), body in tf["resources"].items()
+        if rtype == "google_storage_bucket_iam_member" and body["member"] == "group:cloud-storage-analytics@google.com"
+    ]
+    assert delivery == [
+        {
+            "bucket": '${google_storage_bucket.buckets["access_logs"].name}',
+            "role": "roles/storage.objectCreator",
+            "member": "group:cloud-storage-analytics@google.com",
+        }
+    ]
 
 
 def test_federation_bucket_is_locked_down(tf):
-    bucket = tf["resources"][("google_storage_bucket", "federation")]
-    assert bucket["uniform_bucket_level_access"] is True
-    assert bucket["public_access_prevention"] == "enforced"
-    assert bucket["versioning"][0]["enabled"] is True
-    prefixes = [r["condition"][0].get("matches_prefix", [""])[0] for r in bucket["lifecycle_rule"]]
+    spec = tf["locals"]["buckets"]["federation"]
+    assert spec["name"] == "${var.bucket_name}"  # the bucket the IAM conditions (local.objects_root) name
+    prefixes = [p for rule in spec["lifecycle_rules"] for p in rule.get("matches_prefix", [""])]
     assert "${var.federation_prefix}/updates/" in prefixes  # old updates expire
     assert not any(p.endswith("/models/") for p in prefixes)  # promoted models are retained
-    dynamic = {name for block in bucket.get("dynamic", []) for name in block}
-    assert {"encryption", "retention_policy"} <= dynamic  # optional CMEK and audit retention
+    assert spec["retention_seconds"] == "${var.audit_retention_seconds}"  # optional audit retention
     for (rtype, name), body in tf["resources"].items():
         if rtype == "google_storage_bucket":
             assert body["public_access_prevention"] == "enforced", name
@@ -113,6 +272,7 @@ def test_clients_are_confined_to_their_prefix_and_cannot_list(tf):
     own = tf["resources"][("google_storage_bucket_iam_member", "client_own_updates")]
     read = tf["resources"][("google_storage_bucket_iam_member", "client_read_round")]
     assert own["for_each"] == read["for_each"] == "${var.clients}"
+    assert own["bucket"] == read["bucket"] == '${google_storage_bucket.buckets["federation"].name}'
     own_expr = own["condition"][0]["expression"]
     assert "startsWith" in own_expr and "updates/${each.key}/" in own_expr
     read_expr = json.dumps(read["condition"])
