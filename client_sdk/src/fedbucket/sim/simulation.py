@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 
 from fedbucket.protocol.documents import RoundTask, UpdateManifest, utcnow
+from fedbucket.protocol.errors import WaitTimeout
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.tensors import NUMPY_DTYPES, tensors_to_bytes
 from fedbucket.sim.datasets import Partition, digits, partition
@@ -86,6 +87,13 @@ class ClientRoundResult:
         metrics = f"loss {self.loss:.3f} acc {self.accuracy:.3f}" if self.loss is not None else " " * 20
         extra = f"  ({self.detail})" if self.detail else ""
         return f"[round {self.round_id}] {self.client_id:12s} {trained}  {metrics}  {self.outcome}{extra}"
+
+
+@dataclass(frozen=True)
+class ClientReady:
+    """A client process has started (torch imported, data loaded) and waits for rounds."""
+
+    client_id: str
 
 
 @dataclass
@@ -153,12 +161,13 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
     rng = np.random.default_rng([config.seed, client_number])
     last_round: str | None = None
     with Client(config.bucket_url, client_id, cache_dir=config.cache_dir) as client:
+        results.put(ClientReady(client_id))  # torch imported, data loaded: waiting for rounds from here
         for round_index in range(config.rounds):
             try:
                 task = client.wait_for_round(
                     timeout=config.round_timeout, poll_interval=config.poll_interval, after=last_round
                 )
-            except TimeoutError:
+            except WaitTimeout:
                 results.put(ClientRoundResult(client_id, "-", role, "error", detail="no round opened in time"))
                 return
             last_round = task.round_id
@@ -193,8 +202,20 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
             results.put(result)
 
 
-def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -> SimulationSummary:
-    """Run the simulated clients until each has taken part in ``config.rounds`` rounds."""
+def simulate(
+    config: SimulationConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    on_ready: Callable[[str], None] | None = None,
+    exit_timeout: float = 300.0,
+) -> SimulationSummary:
+    """Run the simulated clients until each has taken part in ``config.rounds`` rounds.
+
+    ``on_ready(client_id)`` is called as each client process is up and waiting (tests open rounds
+    only then, so no deadline depends on how fast processes start). A client that reported all its
+    rounds is never counted as an error, however long its process takes to exit; one that has not
+    exited ``exit_timeout`` seconds after the last result is stopped.
+    """
     train, _ = digits(seed=config.seed)
     parts = partition(train.y, config.clients, scheme=config.partition, alpha=config.alpha, seed=config.seed)
     roles = config.roles()
@@ -216,11 +237,16 @@ def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -
 
     def take(timeout: float) -> bool:
         try:
-            result = results.get(timeout=timeout)
+            message = results.get(timeout=timeout)
         except queue.Empty:
             return False
-        summary.results.append(result)
-        echo(result.line())
+        if isinstance(message, ClientReady):
+            echo(f"{message.client_id} ready")
+            if on_ready is not None:
+                on_ready(message.client_id)
+        else:
+            summary.results.append(message)
+            echo(message.line())
         return True
 
     try:
@@ -229,13 +255,15 @@ def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -
         while take(0.2):  # drain what finished processes left behind
             pass
     finally:
-        for p in processes:
-            p.join(timeout=5)
+        stop_by = time.monotonic() + exit_timeout
+        for p in processes:  # clients that finished exit on their own; give them all the time they need
+            p.join(timeout=max(0.0, stop_by - time.monotonic()))
             if p.is_alive():
                 p.terminate()
-    reported = {r.client_id for r in summary.results}
-    for p in processes:  # a client process that died without reporting is an error too
-        if p.exitcode not in (0, None) or p.name not in reported:
+                p.join(timeout=10)
+    rounds_done = Counter(r.client_id for r in summary.results)
+    for p in processes:  # a client that did not report every round, or crashed doing so, is an error
+        if rounds_done[p.name] < config.rounds:
             failed = ClientRoundResult(p.name, "-", roles[p.name], "error", detail=f"process exited {p.exitcode}")
             summary.results.append(failed)
             echo(failed.line())
@@ -243,4 +271,4 @@ def simulate(config: SimulationConfig, *, echo: Callable[[str], None] = print) -
     return summary
 
 
-__all__ = ["ATTACKS", "ClientRoundResult", "SimulationConfig", "SimulationSummary", "simulate"]
+__all__ = ["ATTACKS", "ClientReady", "ClientRoundResult", "SimulationConfig", "SimulationSummary", "simulate"]
