@@ -1,5 +1,8 @@
 """The round DAG end to end with ``dag.test()``: real Airflow, real Spark, real PyTorch clients,
-against the file store and fake-gcs-server. Assertions are on bucket contents and run states."""
+against the file store and fake-gcs-server. Assertions are on bucket contents and run states.
+
+Clients are threads that are already waiting when the round opens, so a deadline only has to
+cover one tiny training step; every other wait is on an event with a generous bound."""
 
 from __future__ import annotations
 
@@ -95,13 +98,13 @@ class Clients:
 
     def __exit__(self, *exc) -> None:
         for t in self.threads:
-            t.join(timeout=120)
+            t.join(timeout=600)
         assert not self.errors, self.errors
 
     def _run(self, client_id: str, index: int) -> None:
         try:
             with Client(self.store_url, client_id, cache_dir=self.cache / client_id) as client:
-                task = client.wait_for_round(timeout=120, poll_interval=0.2)
+                task = client.wait_for_round(timeout=600, poll_interval=0.2)
                 behaviour = self.behaviours[client_id]
                 if behaviour == "hostile":
                     _write_raw_update(
@@ -192,7 +195,7 @@ def test_normal_round_promotes_and_rerun_reproduces_it(federation, tmp_path):
 def test_abandoned_round_leaves_the_model_untouched(federation, tmp_path):
     store, url = federation
     before = current_model(store)
-    config = write_config(tmp_path, url, deadline_seconds=4, min_clients=2, min_clients_at_deadline=2)
+    config = write_config(tmp_path, url, deadline_seconds=20, min_clients=2, min_clients_at_deadline=2)
     with Clients(url, tmp_path / "clients", {"lonely": "honest"}):
         run = run_dag(config, run_conf={"round_id": "round-abandoned"})
     states = task_states(run)
@@ -209,7 +212,7 @@ def test_abandoned_round_leaves_the_model_untouched(federation, tmp_path):
 
 def test_hostile_and_late_updates_are_rejected_and_the_round_goes_on(federation, tmp_path):
     store, url = federation
-    config = write_config(tmp_path, url, deadline_seconds=12, min_clients=5, min_clients_at_deadline=2)
+    config = write_config(tmp_path, url, deadline_seconds=25, min_clients=5, min_clients_at_deadline=2)
     behaviours = {"h0": "honest", "h1": "honest", "h2": "honest", "mallory": "hostile", "slowpoke": "late"}
     with Clients(url, tmp_path / "clients", behaviours):
         run = run_dag(config, run_conf={"round_id": "round-hostile"})
@@ -264,3 +267,40 @@ def test_scheduled_round_id_comes_from_the_logical_date(federation, tmp_path):
     assert str(run.state) == "success", task_states(run)
     report = report_of(store, "20260301T120000Z")
     assert report.status == "abandoned"
+
+
+@FILE_STORE_ONLY
+def test_bad_run_parameters_fail_before_any_client_works(federation, tmp_path):
+    """A misspelled key or options the strategy does not take fail the publish step, once."""
+    store, url = federation
+    config = write_config(tmp_path, url)
+    for round_id, conf in (
+        ("round-typo", {"min_client": 3}),
+        ("round-bogus", {"strategy_options": {"bogus": 1}}),
+    ):
+        run = run_dag(config, run_conf={"round_id": round_id, **conf})
+        states = task_states(run)
+        assert str(run.state) == "failed" and states["publish"] == "failed", states
+        assert not store.exists(LAYOUT.round_task(round_id))  # no round was opened: no client trained for it
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            tries = {ti.task_id: ti.try_number for ti in run.get_task_instances(session=session)}
+        assert tries["publish"] == 1  # a usage error is never retried
+
+
+@FILE_STORE_ONLY
+def test_a_failed_round_still_gets_its_report(federation, tmp_path):
+    store, url = federation
+    broken = tmp_path / "broken-spark-submit"
+    broken.write_text("#!/usr/bin/env bash\necho 'cluster lost' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    config = write_config(tmp_path, url, spark_submit=str(broken))
+    with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
+        run = run_dag(config, run_conf={"round_id": "round-broken"})
+    states = task_states(run)
+    assert str(run.state) == "failed" and states["aggregate"] == "failed", states
+    assert states["report"] == "success"  # the teardown ran and did not mask the failure
+    report = report_of(store, "round-broken")
+    assert report.status == "failed" and "aggregation did not finish" in report.message
+    assert {u.code for u in report.updates} == {"not_aggregated"} and len(report.updates) == 3
