@@ -70,3 +70,20 @@ def test_deferrable_mode_defers_with_the_poke_interval_and_the_timeout(store, op
     assert deferred.value.method_name == "execute_complete"
     kind, kwargs = trigger.serialize()
     assert kind.endswith("RoundQuorumTrigger") and kwargs["settings"]["min_clients"] == 2
+
+
+def test_the_hook_takes_credentials_from_an_airflow_connection(gcs_server, airflow_home, monkeypatch):
+    """gcp_conn_id: credentials from an Airflow connection (here an anonymous one for the emulator)."""
+    import uuid
+
+    from fedbucket_airflow.hooks import FederationHook
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FEDBUCKET_GCS",
+        '{"conn_type": "google_cloud_platform", "extra": {"is_anonymous": true, "project": "demo"}}',
+    )
+    url = f"gs://fedbucket-test/{uuid.uuid4().hex}"
+    store = FederationHook(url, gcp_conn_id="fedbucket_gcs").store
+    store.put_bytes("hello.json", b"{}")
+    assert type(store._client._credentials).__name__ == "AnonymousCredentials"  # the connection's, not ADC
+    assert [info.name for info in store.list()] == ["hello.json"]

@@ -216,6 +216,15 @@ def read_update_manifest(
     return manifest, info.updated
 
 
+def check_base(task: RoundTask, manifest: UpdateManifest) -> None:
+    """Raise :class:`StaleUpdate` unless the update was trained from the round's base model."""
+    if manifest.base_model_version != task.base_model_version:
+        raise StaleUpdate(
+            f"update was trained from model {manifest.base_model_version!r}; "
+            f"round {task.round_id!r} is based on {task.base_model_version!r}"
+        )
+
+
 def precheck_update(
     store: ObjectStore,
     task: RoundTask,
@@ -232,11 +241,7 @@ def precheck_update(
     deadline (commit times from the store's clock). Returns the update as it stands, with the
     payload generation pinned; the full check (sha256, values, norm) runs in aggregation.
     """
-    if manifest.base_model_version != task.base_model_version:
-        raise StaleUpdate(
-            f"update was trained from model {manifest.base_model_version!r}; "
-            f"round {task.round_id!r} is based on {task.base_model_version!r}"
-        )
+    check_base(task, manifest)
     payload_name = layout.update_payload(manifest.client_id, manifest.round_id, manifest.sha256)
     try:
         payload = store.stat(payload_name)
@@ -282,11 +287,7 @@ def validate_closed(
     manifest = closed.manifest
     if manifest.round_id != task.round_id:
         raise InvalidIdentifier(f"update is for round {manifest.round_id!r}, not {task.round_id!r}")
-    if manifest.base_model_version != task.base_model_version:
-        raise StaleUpdate(
-            f"update was trained from model {manifest.base_model_version!r}; "
-            f"round {task.round_id!r} is based on {task.base_model_version!r}"
-        )
+    check_base(task, manifest)
     if closed.committed_at > task.deadline:
         raise late_error(task, closed.committed_at)
     payload_name = layout.update_payload(manifest.client_id, manifest.round_id, manifest.sha256)

@@ -157,7 +157,7 @@ def _read_pieces(
     for begin, end, parts in spans:
         data = store.read_range(name, begin, end, generation=generation)
         if len(data) != end - begin:
-            raise OSError(f"{name}: short read at bytes {begin}-{end}")
+            raise StorageError(f"{name}: short read at bytes {begin}-{end}")
         view = memoryview(data)
         for part_begin, part_end, dtype in parts:
             out.append(np.frombuffer(view[part_begin - begin : part_end - begin], dtype=dtype))
@@ -342,15 +342,7 @@ def round_inputs(store: ObjectStore, task: RoundTask, *, layout: BucketLayout = 
     closing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
     if closing is not None:
         return closing
-    survey = survey_round(store, task, layout=layout)
-    return RoundClosing(
-        round_id=task.round_id,
-        closed_at=utcnow(),
-        reason="deadline",
-        updates=survey.on_time,
-        late=survey.rejected,
-        ignored_objects=survey.ignored,
-    )
+    return survey_round(store, task, layout=layout).closing(task.round_id, reason="deadline", closed_at=utcnow())
 
 
 def run_aggregation(

@@ -24,6 +24,7 @@ from fedbucket.protocol.documents import (
     read_document,
     write_document,
 )
+from fedbucket.protocol.errors import SchemaError
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.storage import ObjectStore, cached_store
 from fedbucket.protocol.tensors import Header, read_header, tensors_from_bytes
@@ -86,7 +87,7 @@ def evaluate_rows(plan: _EvalPlan, rows: tuple[int, int]) -> dict[str, tuple[np.
             losses = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y.copy()), reduction="none")
             predicted = logits.argmax(dim=1).numpy()
             if logits.shape[1] > plan.num_classes or (y.size and y.max() >= plan.num_classes):
-                raise ValueError(
+                raise SchemaError(
                     f"model {name} has {logits.shape[1]} outputs; hold-out labels need {plan.num_classes} classes"
                 )
             confusion = np.zeros((plan.num_classes, plan.num_classes), dtype=np.int64)
@@ -129,11 +130,11 @@ def _holdout_plan(
     with store.open_reader(layout.holdout, generation=info.generation) as fp:
         header: Header = read_header(fp, info.size)
     if set(header.tensors) != {"x", "y"} or header.tensors["y"].dtype != "I64":
-        raise ValueError(f"{layout.holdout} must hold tensors x and y (int64 labels)")
+        raise SchemaError(f"{layout.holdout} must hold tensors x and y (int64 labels)")
     x, y = header.tensors["x"], header.tensors["y"]
     rows = x.shape[0]
     if y.shape != (rows,):
-        raise ValueError("hold-out x and y disagree on the number of examples")
+        raise SchemaError("hold-out x and y disagree on the number of examples")
     row_bytes = (x.end - x.start) // max(rows, 1)
     plan = _EvalPlan(
         store_url=store.url,

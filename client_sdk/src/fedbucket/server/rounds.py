@@ -217,6 +217,17 @@ class RoundSurvey:
     rejected: list[UpdateVerdict] = field(default_factory=list)
     ignored: int = 0
 
+    def closing(self, round_id: str, *, reason: str, closed_at: datetime) -> RoundClosing:
+        """This survey frozen as a round's closing document."""
+        return RoundClosing(
+            round_id=round_id,
+            closed_at=closed_at,
+            reason=reason,
+            updates=self.on_time,
+            late=self.rejected,
+            ignored_objects=self.ignored,
+        )
+
     def quorum_reached_at(self, quorum: int) -> datetime | None:
         """When the ``quorum``-th on-time update was committed (store clock), if it was."""
         times = sorted(u.committed_at for u in self.on_time)
@@ -294,15 +305,7 @@ def freeze_round(
     """
     existing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
     if existing is None:
-        survey = survey_round(store, task, layout=layout)
-        closing = RoundClosing(
-            round_id=task.round_id,
-            closed_at=closed_at,
-            reason=reason,
-            updates=survey.on_time,
-            late=survey.rejected,
-            ignored_objects=survey.ignored,
-        )
+        closing = survey_round(store, task, layout=layout).closing(task.round_id, reason=reason, closed_at=closed_at)
         try:
             write_document(store, layout.round_closing(task.round_id), closing, if_generation_match=0)
             existing = closing

@@ -255,7 +255,7 @@ class FedTrimmedAvg(Strategy):
         n = deltas.shape[0]
         cut = math.floor(self.beta * n)
         if 2 * cut >= n:
-            raise ValueError(f"beta={self.beta} is too large for {n} clients: nothing would be left to average")
+            raise ConfigError(f"beta={self.beta} is too large for {n} clients: nothing would be left to average")
         ordered = np.sort(deltas, axis=0)
         return ordered[cut : n - cut].mean(axis=0)
 

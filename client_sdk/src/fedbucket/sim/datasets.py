@@ -8,6 +8,8 @@ from typing import Literal
 
 import numpy as np
 
+from fedbucket.protocol.errors import ConfigError
+
 Partition = Literal["iid", "dirichlet"]
 
 
@@ -52,16 +54,16 @@ def partition(
     at least ``min_examples``.
     """
     if num_clients < 1:
-        raise ValueError("num_clients must be at least 1")
+        raise ConfigError("num_clients must be at least 1")
     if num_clients * min_examples > len(labels):
-        raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_examples} each")
+        raise ConfigError(f"{len(labels)} examples cannot give {num_clients} clients {min_examples} each")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
     if scheme != "dirichlet":
-        raise ValueError(f"unknown partition scheme {scheme!r}: use 'iid' or 'dirichlet'")
+        raise ConfigError(f"unknown partition scheme {scheme!r}: use 'iid' or 'dirichlet'")
     if alpha <= 0:
-        raise ValueError("alpha must be positive")
+        raise ConfigError("alpha must be positive")
     for _ in range(1000):
         shares: list[list[int]] = [[] for _ in range(num_clients)]
         for cls in np.unique(labels):
@@ -71,4 +73,4 @@ def partition(
                 shares[client].extend(part.tolist())
         if min(len(s) for s in shares) >= min_examples:
             return [np.sort(np.array(s, dtype=np.int64)) for s in shares]
-    raise ValueError(f"could not give every client {min_examples} examples with alpha={alpha}; raise alpha")
+    raise ConfigError(f"could not give every client {min_examples} examples with alpha={alpha}; raise alpha")

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 
 from fedbucket.protocol.documents import RoundTask, UpdateManifest, utcnow
-from fedbucket.protocol.errors import WaitTimeout
+from fedbucket.protocol.errors import ConfigError, WaitTimeout
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.tensors import NUMPY_DTYPES, tensors_to_bytes
 from fedbucket.sim.datasets import Partition, digits, partition
@@ -63,7 +63,7 @@ class SimulationConfig:
         ids = self.client_ids()
         dropouts = round(self.dropout * self.clients)
         if self.hostile + self.stragglers + dropouts > self.clients:
-            raise ValueError("hostile + stragglers + dropouts exceed the number of clients")
+            raise ConfigError("hostile + stragglers + dropouts exceed the number of clients")
         roles: dict[str, Role] = dict.fromkeys(ids, "honest")
         special: list[Role] = ["hostile"] * self.hostile + ["straggler"] * self.stragglers + ["dropout"] * dropouts
         for client_id, role in zip(reversed(ids), special, strict=False):

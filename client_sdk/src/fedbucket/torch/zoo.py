@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fedbucket.protocol.documents import ModelSpec
+from fedbucket.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,7 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> torch.nn.Module:
         module_name, _, attr = spec.name.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
     else:
-        raise ValueError(f"unknown model {spec.name!r}: use one of {sorted(ZOO)} or 'package.module:callable'")
+        raise ConfigError(f"unknown model {spec.name!r}: use one of {sorted(ZOO)} or 'package.module:callable'")
     if seed is not None:
         torch.manual_seed(seed)
     return factory(**spec.kwargs)
