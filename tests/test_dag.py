@@ -47,10 +47,21 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
         "max_update_norm": 1000.0,
     } | round_overrides
     spark_submit = round_settings.pop("spark_submit", None)
+    gate_tolerance = round_settings.pop("gate_tolerance", 1.0)
+    gate_metric = round_settings.pop("gate_metric", "accuracy")
     lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
     lines += ["retry_delay_seconds = 0", "", "[round]"]
     lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
-    lines += ["", "[training]", "local_epochs = 2", "learning_rate = 0.1", "", "[gate]", "tolerance = 1.0"]
+    lines += [
+        "",
+        "[training]",
+        "local_epochs = 2",
+        "learning_rate = 0.1",
+        "",
+        "[gate]",
+        f"tolerance = {gate_tolerance}",
+        f'metric = "{gate_metric}"',
+    ]
     lines += ["", "[aggregation]", 'spark_master = "local[2]"']
     if spark_submit:
         lines.append(f'spark_submit = "{spark_submit}"')
@@ -137,6 +148,20 @@ def federation(store_url: str, tmp_path: Path, airflow_home: Path) -> tuple[Obje
     return store, store_url
 
 
+def asset_events(bucket: str) -> list[dict]:
+    """The extras of the events emitted on this federation's current-model Asset."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from fedbucket_airflow.operators import current_model_asset
+
+    uri = current_model_asset(bucket).uri
+    with create_session() as session:
+        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)
+        return [dict(event.extra) for event in session.scalars(query)]
+
+
 def report_of(store: ObjectStore, round_id: str) -> RoundReport:
     return read_document(store, LAYOUT.round_report(round_id), RoundReport)[0]
 
@@ -170,11 +195,14 @@ def test_normal_round_promotes_and_rerun_reproduces_it(federation, tmp_path):
     with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
         run = run_dag(config, run_conf={"round_id": "round-1"})
     assert str(run.state) == "success", task_states(run)
+    assert task_states(run)["promote"] == "success"  # the outcome is visible as the promote step's state
     report = report_of(store, "round-1")
     assert report.status == "promoted" and len([u for u in report.updates if u.accepted]) == 3
     pointer, generation = current_model(store)
     assert pointer.version == "round-1" and pointer.sha256 == report.candidate_sha256
     assert report.metrics["candidate"]["accuracy"] > report.metrics["current"]["accuracy"]
+    events = asset_events(url)
+    assert [e["version"] for e in events] == ["round-1"] and events[0]["metrics"]["accuracy"] > 0
 
     artifacts = [
         LAYOUT.round_task("round-1"),
@@ -304,3 +332,21 @@ def test_a_failed_round_still_gets_its_report(federation, tmp_path):
     report = report_of(store, "round-broken")
     assert report.status == "failed" and "aggregation did not finish" in report.message
     assert {u.code for u in report.updates} == {"not_aggregated"} and len(report.updates) == 3
+
+
+@FILE_STORE_ONLY
+def test_a_refused_candidate_shows_as_a_skipped_promote_and_leaves_the_model(federation, tmp_path):
+    """A server learning rate of 1000 wrecks the candidate: the gate refuses it, the run stays green,
+    the promote step is skipped (not green), no Asset event, the report says rejected."""
+    store, url = federation
+    before = current_model(store)
+    config = write_config(tmp_path, url, gate_tolerance=0.0, gate_metric="loss")
+    conf = {"round_id": "round-refused", "strategy_options": {"server_learning_rate": 1000.0}}
+    with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
+        run = run_dag(config, run_conf=conf)
+    states = task_states(run)
+    assert str(run.state) == "success" and states["promote"] == "skipped", states
+    report = report_of(store, "round-refused")
+    assert report.status == "rejected" and report.message.startswith("gate refused")
+    assert current_model(store) == before
+    assert asset_events(url) == []
