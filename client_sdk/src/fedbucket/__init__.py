@@ -30,6 +30,7 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.errors import (
     ChecksumMismatch,
+    ConfigError,
     FedbucketError,
     InvalidIdentifier,
     InvalidManifest,
@@ -38,15 +39,18 @@ from fedbucket.protocol.errors import (
     NonFiniteValues,
     NormTooLarge,
     ObjectNotFound,
+    ObjectTooLarge,
     PreconditionFailed,
     RoundNotOpen,
     SchemaError,
     SchemaMismatch,
     StaleUpdate,
     StorageError,
+    StorageUnavailable,
     UnsupportedSchemaVersion,
     UpdateRejected,
     UpdateTooLarge,
+    WaitTimeout,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
 from fedbucket.protocol.storage import FileStore, GCSStore, ObjectInfo, ObjectStore, open_store
@@ -61,6 +65,7 @@ __all__ = [
     "BucketLayout",
     "ChecksumMismatch",
     "Client",
+    "ConfigError",
     "FedbucketError",
     "FileStore",
     "GCSStore",
@@ -75,6 +80,7 @@ __all__ = [
     "NormTooLarge",
     "ObjectInfo",
     "ObjectNotFound",
+    "ObjectTooLarge",
     "ObjectStore",
     "PreconditionFailed",
     "RoundNotOpen",
@@ -85,6 +91,7 @@ __all__ = [
     "SchemaMismatch",
     "StaleUpdate",
     "StorageError",
+    "StorageUnavailable",
     "TensorSpec",
     "TrainingConfig",
     "UnsupportedSchemaVersion",
@@ -92,6 +99,7 @@ __all__ = [
     "UpdateRejected",
     "UpdateTooLarge",
     "UpdateVerdict",
+    "WaitTimeout",
     "ValidatedUpdate",
     "apply_delta",
     "check_identifier",
