@@ -42,6 +42,10 @@ from fedbucket_airflow.sensors import RoundQuorumSensor
 CONFIG_PATH = os.environ.get("FEDBUCKET_CONFIG", str(Path(__file__).with_name("federation.toml")))
 SPARK_JOBS = Path(os.environ.get("FEDBUCKET_SPARK_JOBS", Path(__file__).resolve().parents[1] / "spark_jobs"))
 config = FederationConfig.load(CONFIG_PATH)  # a small local file: cheap at parse time
+# The wait step's timeout (it only catches a stuck triggerer): rounds up to twice the configured
+# deadline may be triggered by hand; publish refuses longer ones before any client works.
+MAX_DEADLINE_SECONDS = 2 * config.round.deadline_seconds + config.round.settle_seconds
+WAIT_TIMEOUT_SECONDS = MAX_DEADLINE_SECONDS + 3600
 
 
 def run_setting(expression: str) -> str:
@@ -107,18 +111,18 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # rounds are sequential: each builds on the model the previous one promoted
     default_args={"retries": config.retries, "retry_delay": timedelta(seconds=config.retry_delay_seconds)},
-    params=run_params(config),
+    params=run_params(config, max_deadline_seconds=MAX_DEADLINE_SECONDS),
     user_defined_macros={"cluster_name_for": cluster_name_for},
     doc_md=__doc__,
     tags=["fedbucket", "federated-learning"],
 ) as dag:
-    publish = OpenRoundOperator(task_id="publish", config_path=CONFIG_PATH)
+    publish = OpenRoundOperator(task_id="publish", config_path=CONFIG_PATH, max_deadline_seconds=MAX_DEADLINE_SECONDS)
     settings = publish.output  # the run's RunSettings: the one document every later step parses
     wait_for_updates = RoundQuorumSensor(
         task_id="wait_for_updates",
         settings=settings,
         poke_interval=config.round.poll_seconds,
-        timeout=config.round.deadline_seconds + 3600,
+        timeout=WAIT_TIMEOUT_SECONDS,
     )
     aggregate_args = [
         *("--bucket", config.bucket, "--round", run_setting("['round_id']")),

@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
 
+    from fedbucket.protocol.errors import ConfigError
+
     spark = spark_session(f"fedbucket-aggregate-{args.round_id}")
     spark_context = spark.sparkContext
     try:
@@ -95,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_info={"spark_version": spark.version, "master": spark_context.master},
             log=log.info,
         )
+    except ConfigError as exc:  # e.g. a trimmed mean whose beta leaves nothing for this many clients
+        log.error("%s", exc)
+        return EXIT_USAGE
     finally:
         spark.stop()
     return EXIT_OK if report.status == "aggregated" else args.below_quorum_exit_code

@@ -46,11 +46,23 @@ class OpenRoundOperator(BaseOperator):
     re-run finds the task written by the first run and changes nothing; the round pointer never
     moves back to an older round. Returns the :class:`~fedbucket.server.config.RunSettings` as
     JSON: the one document every later step parses.
+
+    :param config_path: the federation config (TOML).
+    :param max_deadline_seconds: the longest round the DAG's wait step can wait for (its timeout);
+        a run asking for a longer ``deadline_seconds`` is refused here rather than timing out later.
     """
 
-    def __init__(self, *, config_path: str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        config_path: str,
+        max_deadline_seconds: float | None = None,
+        gcp_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.config_path = config_path
+        self.max_deadline_seconds = max_deadline_seconds
         self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -61,6 +73,13 @@ class OpenRoundOperator(BaseOperator):
             round_id = round_id_for(dag_run.logical_date, dag_run.run_after, params.get("round_id"))
             overrides = {**params, **(dag_run.conf or {})}  # conf keys without a Param are caught here
             run = RunSettings.resolve(config, round_id, overrides)
+            longest = run.round.deadline_seconds + run.round.settle_seconds
+            if self.max_deadline_seconds is not None and longest > self.max_deadline_seconds:
+                raise ConfigError(
+                    f"deadline_seconds {run.round.deadline_seconds:g} (+ settle {run.round.settle_seconds:g}) is "
+                    f"longer than this DAG's wait step can wait ({self.max_deadline_seconds:g} s); raise "
+                    "[round] deadline_seconds in the federation config to allow longer rounds"
+                )
         except ConfigError as exc:
             raise AirflowFailException(f"invalid run parameters: {exc}") from None
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store

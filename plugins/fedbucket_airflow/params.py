@@ -42,9 +42,10 @@ _SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
-def run_params(config: FederationConfig) -> dict[str, Param]:
+def run_params(config: FederationConfig, *, max_deadline_seconds: float | None = None) -> dict[str, Param]:
     """``round_id`` plus every key of :data:`~fedbucket.server.config.RUN_PARAMETERS`, each with the
-    config's value as default, its description and its section in the trigger form."""
+    config's value as default, its description and its section in the trigger form.
+    ``max_deadline_seconds`` caps the ``deadline_seconds`` the form accepts (the wait step's limit)."""
     sections = {name: getattr(config, name) for name in _MODELS}
     params = {
         "round_id": Param(
@@ -57,11 +58,14 @@ def run_params(config: FederationConfig) -> dict[str, Param]:
     }
     for key, (section, field) in RUN_PARAMETERS.items():
         description = _MODELS[section].model_fields[field].description or ""
+        schema = dict(_SCHEMA[key])
+        if key == "deadline_seconds" and max_deadline_seconds is not None:
+            schema["maximum"] = max_deadline_seconds - config.round.settle_seconds
         params[key] = Param(
             getattr(sections[section], field),
             title=key.replace("_", " ").capitalize(),
             description=description,
             section=_SECTIONS[section],
-            **_SCHEMA[key],
+            **schema,
         )
     return params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
@@ -11,6 +12,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from fedbucket.protocol.documents import RoundClosing, RoundTask, read_document, read_optional, utcnow
 from fedbucket.protocol.layout import LAYOUT
+from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import RunSettings
 from fedbucket.server.rounds import freeze_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
@@ -52,16 +54,18 @@ class RoundQuorumSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.gcp_conn_id = gcp_conn_id
 
-    @property
+    @cached_property
     def run_settings(self) -> RunSettings:
-        return RunSettings.model_validate(self.settings)
+        return RunSettings.model_validate(self.settings)  # after templating: read at the first poke
 
-    def _store(self, run: RunSettings):  # noqa: ANN202 - an ObjectStore
-        return FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+    @cached_property
+    def store(self) -> ObjectStore:
+        """One store for every poke of this task attempt."""
+        return FederationHook(self.run_settings.bucket, gcp_conn_id=self.gcp_conn_id).store
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         run = self.run_settings
-        store = self._store(run)
+        store = self.store
         closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
         if closing is not None:
             self.log.info("round %s was closed by an earlier run: using its frozen updates", run.round_id)
@@ -102,7 +106,7 @@ class RoundQuorumSensor(BaseSensorOperator):
         return self._finish(self.run_settings, event["reason"])
 
     def _finish(self, run: RunSettings, reason: str) -> dict[str, Any]:
-        store = self._store(run)
+        store = self.store
         task, _ = read_document(store, LAYOUT.round_task(run.round_id), RoundTask)
         closing = freeze_round(store, task, reason=reason, closed_at=utcnow())
         self.log.info(
