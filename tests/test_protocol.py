@@ -88,3 +88,29 @@ def test_update_manifest_requires_timezone_and_finite_metrics():
         parse_document(UpdateManifest, json.dumps(example).replace("0.213", "NaN"))
     with pytest.raises(SchemaError, match="num_examples"):
         parse_document(UpdateManifest, json.dumps(example | {"num_examples": 0}))
+
+
+def test_import_fedbucket_loads_the_protocol_and_the_client_only():
+    """The static contract is import-linter's (make lint); this checks what really loads at run time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedbucket; "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('fedbucket.')})); "
+        "print(any(m in sys.modules for m in ('torch', 'pyspark', 'airflow')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "['client', 'protocol']" and out[1] == "False"
+
+
+def test_strict_parsing_refuses_coercion():
+    raw = json.loads(UpdateManifest(
+        client_id="a", round_id="r", base_model_version="init", num_examples=5, sha256="0" * 64, size_bytes=3,
+        created_at="2026-11-25T12:00:00Z",
+    ).to_json_bytes())  # fmt: skip
+    with pytest.raises(UnsupportedSchemaVersion):
+        parse_document(UpdateManifest, json.dumps(raw | {"schema_version": True}))
+    with pytest.raises(SchemaError, match="num_examples"):
+        parse_document(UpdateManifest, json.dumps(raw | {"num_examples": "5"}))
+    assert parse_document(UpdateManifest, json.dumps(raw)).num_examples == 5
