@@ -31,6 +31,7 @@ import functools
 import io
 import logging
 import os
+import re
 import stat
 import time
 import uuid
@@ -512,7 +513,7 @@ class GCSStore(ObjectStore):
         self._timeout = (min(10.0, retry_timeout), 60.0)
 
     def _log_retry(self, exc: Exception) -> None:
-        log.warning("%s: %s; retrying (gives up after %.0f s)", self.url, _one_line(exc), self.retry_timeout)
+        log.warning("%s: %s; retrying (limit %.0f s)", self.url, _one_line(exc), self.retry_timeout)
 
     def _blob(self, name: str, generation: int | None = None):  # noqa: ANN202 - google type
         return self._bucket.blob(self.prefix + _check_name(name), generation=generation)
@@ -530,8 +531,8 @@ class GCSStore(ObjectStore):
             raise PreconditionFailed(f"{self.url}/{name}: generation precondition failed") from None
         except gexc.RetryError as exc:  # not a GoogleAPICallError: the retry budget ran out
             raise StorageUnavailable(
-                f"{self.url} unreachable: gave up after {self.retry_timeout:.0f} s of retries "
-                f"({_one_line(exc.cause) if exc.cause else exc})"
+                f"{self.url} unreachable: gave up retrying (limit {self.retry_timeout:.0f} s): "
+                f"{_one_line(exc.cause) if exc.cause else exc}"
             ) from None
         except gexc.GoogleAPICallError as exc:
             raise StorageError(f"{self.url}/{name}: {_one_line(exc)}") from None
@@ -658,9 +659,12 @@ def glob_matches(pattern: str, name: str) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception as one short line (google errors carry multi-line response bodies)."""
+    """An exception as one short line: the OS error inside a connection failure ("Connection
+    refused"), else its text on one line, cut at 200 characters (google errors carry bodies)."""
     text = " ".join(str(exc).split())
-    return (text[:300] + "…") if len(text) > 300 else text or type(exc).__name__
+    if errno_text := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text):
+        return errno_text.group(1).strip()
+    return (text[:200] + "…") if len(text) > 200 else text or type(exc).__name__
 
 
 def open_store(
