@@ -1,8 +1,8 @@
 """A simulated federation of real PyTorch clients, judged by the server-side validator.
 
-No deadline here depends on how fast the machine is: each round opens only once every client
-process has said it is ready (torch imported, data loaded), and every wait is on an event (a
-manifest appearing) with a generous bound.
+Rounds open only once every client process has said it is ready (torch imported, data loaded), so
+the deadline covers one small training step of a warm client (well under a second here), not
+process start-up; every other wait is on an event (a manifest appearing) with a generous bound.
 """
 
 from __future__ import annotations

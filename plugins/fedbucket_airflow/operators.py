@@ -22,7 +22,7 @@ from fedbucket.protocol.documents import (
     utcnow,
     write_document,
 )
-from fedbucket.protocol.errors import ConfigError, PreconditionFailed
+from fedbucket.protocol.errors import ConfigError, FedbucketError, InvalidIdentifier, PreconditionFailed
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.server.config import FederationConfig, RunSettings
 from fedbucket.server.promotion import gate_decision, promote_candidate
@@ -80,7 +80,7 @@ class OpenRoundOperator(BaseOperator):
                     f"longer than this DAG's wait step can wait ({self.max_deadline_seconds:g} s); raise "
                     "[round] deadline_seconds in the federation config to allow longer rounds"
                 )
-        except ConfigError as exc:
+        except (ConfigError, InvalidIdentifier) as exc:
             raise AirflowFailException(f"invalid run parameters: {exc}") from None
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
         task = open_round(
@@ -179,11 +179,12 @@ class LocalSparkSubmitOperator(BaseOperator):
 class PromoteCandidateOperator(BaseOperator):
     """Apply the gate to the evaluation and, if it passes, promote the candidate.
 
-    The task's state is the round's outcome where an operator looks: *success* means the model
-    pointer moved to this round's candidate (and an event is emitted on the federation's
+    The task's state is the round's outcome where an operator looks: *success* means this task
+    moved the model pointer to the round's candidate (and an event is emitted on the federation's
     current-model Asset, with the version and metrics as extra); *skipped* means it did not (the
-    gate refused, the round was below quorum, or another model became current first — the log
-    and the round report say which). A storage failure fails the task (and is retried).
+    gate refused, the round was below quorum, another model became current first, or an earlier
+    run already promoted it — the log and the round report say which). A storage failure fails
+    the task (and is retried); its message goes to the round report.
 
     :param settings: the run's settings from the publish step (templated).
     """
@@ -206,9 +207,15 @@ class PromoteCandidateOperator(BaseOperator):
         if not decision.passed:
             raise AirflowSkipException(f"not promoted: the gate refused the candidate: {decision.message}")
         try:
-            manifest: ModelManifest = promote_candidate(store, run.round_id)
+            promotion = promote_candidate(store, run.round_id)
         except PreconditionFailed as exc:
             raise AirflowSkipException(f"not promoted: {exc}") from None
+        except FedbucketError as exc:  # e.g. the pointer write failed: the report (teardown) quotes it
+            context["ti"].xcom_push(key="error", value=str(exc))
+            raise
+        manifest: ModelManifest = promotion.manifest
+        if not promotion.moved:  # a re-run: no new model, so no new Asset event either
+            raise AirflowSkipException(f"{manifest.version} was promoted by an earlier run; nothing to do")
         self.log.info("promoted %s (sha256 %s): %s", manifest.version, manifest.sha256[:12], decision.message)
         for asset in self.outlets:
             context["outlet_events"][asset].extra = {
@@ -244,7 +251,10 @@ class RoundReportOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         run = RunSettings.model_validate(self.settings)
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
-        report = build_round_report(store, run.round_id, run.gate)
+        promote_error = context["ti"].xcom_pull(task_ids="promote", key="error")
+        report = build_round_report(
+            store, run.round_id, run.gate, promote_error=promote_error if isinstance(promote_error, str) else None
+        )
         write_document(store, LAYOUT.round_report(run.round_id), report)
         for line in summary_lines(report):
             self.log.info("%s", line)

@@ -9,6 +9,7 @@ from airflow.sdk import Param
 from pydantic import BaseModel
 
 from fedbucket.protocol.documents import TrainingConfig
+from fedbucket.protocol.layout import IDENTIFIER_PATTERN
 from fedbucket.server.config import (
     RUN_PARAMETERS,
     AggregationSettings,
@@ -25,21 +26,20 @@ _MODELS: dict[str, type[BaseModel]] = {
     "gate": GateSettings,
 }
 _SECTIONS = {"round": "Round", "training": "Local training", "aggregation": "Aggregation", "gate": "Promotion gate"}
-_SCHEMA: dict[str, dict[str, Any]] = {
-    "deadline_seconds": {"type": "number", "exclusiveMinimum": 0},
-    "min_clients": {"type": "integer", "minimum": 1},
-    "max_clients": {"type": ["null", "integer"], "minimum": 1},
-    "min_clients_at_deadline": {"type": ["null", "integer"], "minimum": 1},
-    "grace_seconds": {"type": "number", "minimum": 0},
-    "max_examples_per_update": {"type": ["null", "integer"], "minimum": 1},
-    "strategy": {"type": "string", "enum": sorted(STRATEGIES)},
-    "strategy_options": {"type": "object"},
-    "local_epochs": {"type": "integer", "minimum": 1},
-    "batch_size": {"type": "integer", "minimum": 1},
-    "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-    "proximal_mu": {"type": "number", "minimum": 0},
-    "gate_tolerance": {"type": "number", "minimum": 0},
-}
+#: What pydantic cannot know: the strategy names a run may choose.
+_EXTRA_SCHEMA: dict[str, dict[str, Any]] = {"strategy": {"enum": sorted(STRATEGIES)}}
+
+
+def _json_schema(model: type[BaseModel], field: str) -> dict[str, Any]:
+    """The field's JSON schema from its pydantic model (one source for the checks), in the flat
+    shape Airflow's trigger form renders: ``anyOf [X, null]`` becomes X with ``type: [t, "null"]``."""
+    schema = {k: v for k, v in model.model_json_schema()["properties"][field].items() if k not in ("title", "default")}
+    schema.pop("description", None)
+    options = schema.pop("anyOf", None)
+    if options:
+        (kept,) = [o for o in options if o.get("type") != "null"]
+        schema |= {**kept, "type": [kept["type"], "null"]}
+    return schema
 
 
 def run_params(config: FederationConfig, *, max_deadline_seconds: float | None = None) -> dict[str, Param]:
@@ -51,6 +51,7 @@ def run_params(config: FederationConfig, *, max_deadline_seconds: float | None =
         "round_id": Param(
             None,
             type=["null", "string"],
+            pattern=IDENTIFIER_PATTERN.pattern,
             title="Round id",
             description="Default: from the run's logical date (scheduled, backfill) or creation time (manual).",
             section="Round",
@@ -58,7 +59,7 @@ def run_params(config: FederationConfig, *, max_deadline_seconds: float | None =
     }
     for key, (section, field) in RUN_PARAMETERS.items():
         description = _MODELS[section].model_fields[field].description or ""
-        schema = dict(_SCHEMA[key])
+        schema = _json_schema(_MODELS[section], field) | _EXTRA_SCHEMA.get(key, {})
         if key == "deadline_seconds" and max_deadline_seconds is not None:
             schema["maximum"] = max_deadline_seconds - config.round.settle_seconds
         params[key] = Param(

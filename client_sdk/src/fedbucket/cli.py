@@ -108,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "env FEDBUCKET_CREDENTIALS",
             )
         p.add_argument("--cache-dir", default=None, help="model cache (default ~/.cache/fedbucket or $FEDBUCKET_CACHE)")
-        timeout(p)
+        if client:
+            timeout(p)
 
     def timeout(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--timeout",
             type=_positive_seconds,
-            default=float(os.environ.get("FEDBUCKET_TIMEOUT", DEFAULT_TIMEOUT_SECONDS)),
+            default=os.environ.get("FEDBUCKET_TIMEOUT", str(DEFAULT_TIMEOUT_SECONDS)),  # a string: argparse checks it
             metavar="SECONDS",
             help="give up on an unreachable bucket after this long (a line per retry meanwhile); env FEDBUCKET_TIMEOUT",
         )
@@ -206,16 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Storage retries log one warning line each (fedbucket.protocol.storage); nothing else is noisy.
+    # Storage retries log one warning line each (logger fedbucket.protocol.storage); nothing else is noisy.
     logging.basicConfig(level=logging.WARNING, format="fedbucket: %(message)s", stream=sys.stderr)
     module_name, _, function = args.command_path.partition(":")
     prefix = f"fedbucket {args.command}"
     try:
         command = getattr(importlib.import_module(module_name), function)
         return int(command(args))
-    except (ConfigError, InvalidIdentifier) as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
+    except (ConfigError, InvalidIdentifier) as exc:  # one line, like every other error
+        print(f"{prefix}: error: {exc} (see fedbucket {args.command} --help)", file=sys.stderr)
         return EXIT_USAGE
     except (RoundNotOpen, StaleUpdate) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)

@@ -32,6 +32,8 @@ translated at the storage boundary; nothing else escapes the public API. ``Confi
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class FedbucketError(Exception):
     """Base class of every error fedbucket raises."""
@@ -133,3 +135,4 @@ class StaleUpdate(UpdateRejected):
 
 class LateUpdate(UpdateRejected):
     code = "late"
+    committed_at: datetime | None = None  # the store's commit time that made it late

@@ -51,7 +51,7 @@ from fedbucket.protocol.errors import (
     StorageUnavailable,
 )
 
-log = logging.getLogger("fedbucket.storage")
+log = logging.getLogger(__name__)
 
 #: Size of the pieces large objects are streamed in (also the GCS resumable-upload chunk).
 STREAM_CHUNK_BYTES = 16 * 1024 * 1024
@@ -144,15 +144,17 @@ class ObjectStore(ABC):
         """Stream one generation of ``name`` to a local file (written atomically)."""
         info = self.stat(name)
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with self.open_reader(name, generation=info.generation) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(STREAM_CHUNK_BYTES):
                     dst.write(chunk)
                     if progress:
                         progress(len(chunk))
             tmp.replace(target)
+        except OSError as exc:  # the local side: a full disk, a read-only folder
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
         return info
@@ -183,7 +185,10 @@ class FileStore(ObjectStore):
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False) -> None:
         self.root = Path(root).absolute()
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.root.as_uri()}: {exc.strerror or exc}") from None
         if not self.root.is_dir():
             raise StorageError(
                 f"{self.root.as_uri()} does not exist or is not a directory: check the URL "
@@ -198,7 +203,7 @@ class FileStore(ObjectStore):
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self._lock_path, "a+b") as lock:
+        with open(self._lock_path, "a+b") as lock:  # OSError here is translated by the callers
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -211,7 +216,10 @@ class FileStore(ObjectStore):
     def _parent_fd(self, name: str) -> Iterator[tuple[int, str]]:
         """An fd of ``name``'s directory, reached without following any link; and the last part."""
         parts = _check_name(name).split("/")
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"{self.url}: the federation root is gone or unreadable ({exc.strerror})") from None
         try:
             for part in parts[:-1]:
                 try:
@@ -397,9 +405,12 @@ class FileStore(ObjectStore):
 
     def delete(self, name: str) -> None:
         path = self._path(name)
-        with self._locked():
-            self.stat(name)
-            path.unlink()
+        try:
+            with self._locked():
+                self.stat(name)
+                path.unlink()
+        except OSError as exc:
+            raise self._error(name, exc) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +621,10 @@ class GCSStore(ObjectStore):
         progress: ProgressCallback | None = None,
     ) -> ObjectInfo:
         blob = self._blob(name)
-        size = Path(path).stat().st_size
+        try:
+            size = Path(path).stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
         # No chunk_size: the library's resumable upload with its default chunk (100 MiB), which
         # bounds memory per chunk and was the fastest setting measured against the emulator.
         with self._translate(name), open(path, "rb") as src:
@@ -662,7 +676,8 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one short line: the OS error inside a connection failure ("Connection
     refused"), else its text on one line, cut at 200 characters (google errors carry bodies)."""
     text = " ".join(str(exc).split())
-    if errno_text := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text):
+    connection = "Max retries exceeded" in text or "Connection" in type(exc).__name__
+    if connection and (errno_text := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)):
         return errno_text.group(1).strip()
     return (text[:200] + "…") if len(text) > 200 else text or type(exc).__name__
 

@@ -322,7 +322,9 @@ def validate_closed(
 
 def late_error(task: RoundTask, committed_at: datetime) -> LateUpdate:
     late_by = (committed_at - task.deadline).total_seconds()
-    return LateUpdate(f"committed {late_by:.1f}s after the deadline {task.deadline.isoformat()}")
+    error = LateUpdate(f"committed {late_by:.1f}s after the deadline {task.deadline.isoformat()}")
+    error.committed_at = committed_at  # the verdict records when, not only that
+    return error
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,10 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
             values, next_float = new_float[next_float : next_float + count], next_float + count
         else:
             values, next_int = new_int[next_int : next_int + count], next_int + count
-        out += values.astype(NUMPY_DTYPES[plan.base_tensors[piece.tensor].dtype]).tobytes()
+        dtype = NUMPY_DTYPES[plan.base_tensors[piece.tensor].dtype]
+        if not floating:  # an int32 buffer saturates at its range rather than wrapping
+            values = np.clip(values, np.iinfo(dtype).min, np.iinfo(dtype).max)
+        out += values.astype(dtype).tobytes()
     state_bytes = {name: v.astype(NUMPY_DTYPES[STATE_DTYPE]).tobytes() for name, v in state.items()}
     return index, bytes(out), state_bytes
 
@@ -398,6 +401,8 @@ def run_aggregation(
         updates=verdicts,
         engine=dict(engine_info or {}),
     )
+    if len(sources) >= quorum:
+        strategy.check_clients(len(sources))
     if len(sources) < quorum:
         report.message = f"{len(sources)} valid update(s), fewer than the quorum of {quorum}: no candidate"
         report.timings = {"validate_s": validate_seconds, "total_s": time.perf_counter() - started}

@@ -44,30 +44,44 @@ def gate_decision(evaluation: EvaluationReport, gate: GateSettings) -> GateDecis
 
 
 def was_promoted(store: ObjectStore, candidate: ModelManifest, *, layout: BucketLayout = LAYOUT) -> bool:
-    """Whether ``candidate`` is, or once was, the current model: it lies on the chain from the
-    current model back through ``base_version`` (stopping at the candidate's own base)."""
-    version: str | None = current_model(store, layout=layout)[0].version
+    """Whether ``candidate`` (these very bytes: version and sha256) is, or once was, the current
+    model: it lies on the chain from the current model back through ``base_version``, walked no
+    further than the candidate's own base."""
+    pointer, _ = current_model(store, layout=layout)
+    if pointer.version == candidate.version:
+        return pointer.sha256 == candidate.sha256
+    version: str | None = pointer.version
     for _ in range(MAX_CHAIN):
-        if version == candidate.version:
-            return True
         if version is None or version == candidate.base_version:
             return False
         manifest, _ = read_optional(store, layout.model_manifest(version), ModelManifest)
-        version = manifest.base_version if manifest is not None else None
+        if manifest is None:
+            return False
+        if manifest.base_version == candidate.version:  # the chain passes through this version
+            published, _ = read_optional(store, layout.model_manifest(candidate.version), ModelManifest)
+            return published is not None and published.sha256 == candidate.sha256
+        version = manifest.base_version
     return False
 
 
-def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> ModelManifest:
+@dataclass(frozen=True)
+class Promotion:
+    manifest: ModelManifest
+    moved: bool  # False: this candidate was already promoted by an earlier run; nothing changed
+
+
+def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> Promotion:
     """Make round ``round_id``'s candidate the current model.
 
     Publishes it as ``models/<round_id>/`` (create-only; a retry finds the same bytes there), then
-    moves ``models/current.json`` by compare-and-swap from the candidate's base. A no-op if it was
-    promoted before. Raises :class:`PreconditionFailed` when the pointer has moved past the base
-    (another promotion won, or this is a re-run of an old round): the pointer never goes backwards.
+    moves ``models/current.json`` by compare-and-swap from the candidate's base. If it was promoted
+    before, nothing changes (``moved=False``). Raises :class:`PreconditionFailed` when the pointer
+    has moved past the base (another promotion won, or this is a re-run of an old round): the
+    pointer never goes backwards.
     """
     candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
     if was_promoted(store, candidate, layout=layout):
-        return candidate
+        return Promotion(candidate, moved=False)
     pointer, generation = current_model(store, layout=layout)
     if pointer.version != candidate.base_version:
         raise PreconditionFailed(
@@ -86,4 +100,4 @@ def promote_candidate(store: ObjectStore, round_id: str, *, layout: BucketLayout
             if published.sha256 != candidate.sha256:
                 raise
     set_current_model(store, candidate, expected_generation=generation)
-    return candidate
+    return Promotion(candidate, moved=True)

@@ -26,11 +26,16 @@ from fedbucket.server.rounds import current_model
 
 
 def build_round_report(
-    store: ObjectStore, round_id: str, gate: GateSettings, *, layout: BucketLayout = LAYOUT
+    store: ObjectStore,
+    round_id: str,
+    gate: GateSettings,
+    *,
+    promote_error: str | None = None,
+    layout: BucketLayout = LAYOUT,
 ) -> RoundReport:
     """The report of round ``round_id``: promoted, rejected (by the gate), superseded (the gate
     passed but another model became current first), abandoned (below quorum) or failed (a step
-    did not finish; the message names it)."""
+    did not finish; the message names it, with ``promote_error`` when the promote step failed)."""
     task, _ = read_document(store, layout.round_task(round_id), RoundTask)
     closing, _ = read_optional(store, layout.round_closing(round_id), RoundClosing)
     aggregation, _ = read_optional(store, layout.aggregation_report(round_id), AggregationReport)
@@ -56,7 +61,10 @@ def build_round_report(
     if evaluation is not None:
         metrics = {"candidate": evaluation.candidate.model_dump(), "current": evaluation.current.model_dump()}
 
-    if closing is None:
+    decision = gate_decision(evaluation, gate) if evaluation is not None else None
+    if candidate is not None and decision is not None and was_promoted(store, candidate, layout=layout):
+        status, message = "promoted", f"promoted: {decision.message}"  # the pointer says so, whatever else
+    elif closing is None:
         status, message = "failed", "the round never closed: the wait step did not finish (see its task log)"
     elif closing.reason == "below_quorum" or (aggregation is not None and aggregation.status == "below_quorum"):
         valid = sum(1 for u in updates if u.accepted)
@@ -64,24 +72,20 @@ def build_round_report(
         message = f"abandoned: {len(closing.updates)} update(s) by the close, {valid} valid; quorum not reached"
     elif aggregation is None or candidate is None:
         status, message = "failed", "aggregation did not finish (see the aggregate task log)"
-    elif evaluation is None:
+    elif evaluation is None or decision is None:
         status, message = "failed", "evaluation did not finish (see the evaluate task log)"
+    elif not decision.passed:
+        status, message = "rejected", f"gate refused: {decision.message}"
+    elif current_model(store, layout=layout)[0].version != candidate.base_version:
+        status = "superseded"  # the message names no later model: a re-run must write the same bytes
+        message = (
+            f"the gate passed ({decision.message}), but the current model had moved on from "
+            f"{candidate.base_version} before this candidate could replace it: not promoted"
+        )
     else:
-        decision = gate_decision(evaluation, gate)
-        pointer, _ = current_model(store, layout=layout)
-        if was_promoted(store, candidate, layout=layout):
-            status, message = "promoted", f"promoted: {decision.message}"
-        elif not decision.passed:
-            status, message = "rejected", f"gate refused: {decision.message}"
-        elif pointer.version != candidate.base_version:
-            status = "superseded"
-            message = (
-                f"the gate passed ({decision.message}), but the current model moved from "
-                f"{candidate.base_version} to {pointer.version} first: not promoted"
-            )
-        else:
-            status = "failed"
-            message = f"the gate passed ({decision.message}) but the pointer did not move: the promote step failed"
+        status = "failed"
+        reason = f": {promote_error}" if promote_error else " (see the promote task log)"
+        message = f"the gate passed ({decision.message}) but the promote step did not move the pointer{reason}"
     return RoundReport(
         round_id=round_id,
         status=status,

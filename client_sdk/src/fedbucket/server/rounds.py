@@ -33,7 +33,14 @@ from fedbucket.protocol.documents import (
     sha256_file,
     write_document,
 )
-from fedbucket.protocol.errors import InvalidManifest, ObjectNotFound, PreconditionFailed, StorageError, UpdateRejected
+from fedbucket.protocol.errors import (
+    ConfigError,
+    InvalidManifest,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    UpdateRejected,
+)
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.protocol.tensors import read_header_file, save_tensors
@@ -155,6 +162,8 @@ def open_round(
     """
     task, _ = read_optional(store, layout.round_task(round_id), RoundTask)
     if task is None:
+        if store.exists(layout.model_manifest(round_id)):  # its candidate would be published under that name
+            raise ConfigError(f"round id {round_id!r} is already the version of a model; choose another round id")
         pointer, _ = current_model(store, layout=layout)
         base, _ = read_document(store, layout.model_manifest(pointer.version), ModelManifest)
         task = RoundTask(
@@ -257,7 +266,7 @@ def survey_round(
             manifest, committed_at = read_update_manifest(store, info.name, layout=layout)
             closed = precheck_update(store, task, manifest, committed_at, layout=layout)
         except UpdateRejected as exc:
-            survey.rejected.append(rejection_verdict(client_id, exc))
+            survey.rejected.append(rejection_verdict(client_id, exc, getattr(exc, "committed_at", None)))
             continue
         except ObjectNotFound:
             continue  # deleted between list and read
@@ -298,11 +307,14 @@ def freeze_round(
     closed_at: datetime,
     layout: BucketLayout = LAYOUT,
 ) -> RoundClosing:
-    """Write ``rounds/<round>/closing.json`` once (create-only) and close the round pointer.
+    """Close the round pointer, then write ``rounds/<round>/closing.json`` once (create-only).
 
-    A second call returns the document written the first time, so a re-run of a round sees
-    exactly the updates the first run closed with.
+    The pointer goes first so that SDK clients stop submitting before the survey; an upload
+    already in flight that commits after the survey is in no closing and never used. A second
+    call returns the document written the first time, so a re-run of a round sees exactly the
+    updates the first run closed with.
     """
+    close_round(store, task.round_id, layout=layout)  # first: SDK clients stop submitting
     existing, _ = read_optional(store, layout.round_closing(task.round_id), RoundClosing)
     if existing is None:
         closing = survey_round(store, task, layout=layout).closing(task.round_id, reason=reason, closed_at=closed_at)
@@ -311,5 +323,4 @@ def freeze_round(
             existing = closing
         except PreconditionFailed:
             existing, _ = read_document(store, layout.round_closing(task.round_id), RoundClosing)
-    close_round(store, task.round_id, layout=layout)
     return existing

@@ -69,6 +69,10 @@ class Strategy:
 
     # -- per client -----------------------------------------------------------------------------
 
+    def check_clients(self, clients: int) -> None:
+        """Raise :class:`ConfigError` if this strategy cannot combine ``clients`` updates (checked
+        on the driver before any work is spread out, so it fails once, as a usage error)."""
+
     def client_scale(self, l2_norm: float) -> float:
         """Norm-bounding factor for a client whose delta has norm ``l2_norm``."""
         if self.clip_norm is None or l2_norm <= self.clip_norm:
@@ -251,11 +255,14 @@ class FedTrimmedAvg(Strategy):
     def options(self) -> dict[str, Any]:
         return super().options() | {"beta": self.beta}
 
+    def check_clients(self, clients: int) -> None:
+        if 2 * math.floor(self.beta * clients) >= clients:
+            raise ConfigError(f"beta={self.beta} is too large for {clients} clients: nothing would be left to average")
+
     def combine(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
         n = deltas.shape[0]
+        self.check_clients(n)
         cut = math.floor(self.beta * n)
-        if 2 * cut >= n:
-            raise ConfigError(f"beta={self.beta} is too large for {n} clients: nothing would be left to average")
         ordered = np.sort(deltas, axis=0)
         return ordered[cut : n - cut].mean(axis=0)
 
@@ -307,7 +314,7 @@ def integer_mean_step(base: np.ndarray, deltas: np.ndarray, examples: Sequence[i
     """The rule for integer tensors: ``base + round_half_even(sum_i n_i * delta_i / sum_i n_i)``,
     computed in exact integer arithmetic (Python ints), so ties round the documented way and
     int64 values beyond 2**53 survive. ``deltas``: int64, shape ``(clients, k)``; ``examples``: the
-    clients' (capped) example counts. The result is int64 (OverflowError if it leaves int64)."""
+    clients' (capped) example counts. The result is int64, saturated at its range."""
     total = sum(int(n) for n in examples)
     numerator = np.zeros(deltas.shape[1], dtype=object)
     for row, n in zip(deltas, examples, strict=True):  # object arrays: arbitrary precision
@@ -316,4 +323,5 @@ def integer_mean_step(base: np.ndarray, deltas: np.ndarray, examples: Sequence[i
     twice = remainder * 2
     round_up = (twice > total) | ((twice == total) & (quotient % 2 == 1))
     mean = quotient + round_up.astype(object)
-    return np.array(base.astype(object) + mean, dtype=np.int64)
+    limits = np.iinfo(np.int64)  # saturate: hostile integer deltas must not wrap or crash the job
+    return np.array(np.clip(base.astype(object) + mean, limits.min, limits.max), dtype=np.int64)
