@@ -71,12 +71,19 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
 
 
 def run_dag(config_path: Path, run_conf: dict | None = None, logical_date: datetime | None = None):
-    """Parse the DAG with ``config_path`` and run it once with ``dag.test()``; returns the DagRun."""
-    os.environ["FEDBUCKET_CONFIG"] = str(config_path)
-    from airflow.dag_processing.dagbag import DagBag
+    """Parse the DAG with ``config_path`` and run it once with ``dag.test()``; returns the DagRun.
 
-    bag = DagBag(dag_folder=str(REPO / "dags"))
+    The parsed DAG is written to the metadata DB first, as the dag-processor would: ``dag.test()``
+    only does that for a DAG id it has never seen, and each test points the DAG at another bucket
+    (another current-model Asset, other Param defaults)."""
+    os.environ["FEDBUCKET_CONFIG"] = str(config_path)
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    bag = DagBag(dag_folder=str(REPO / "dags"), bundle_name="dags-folder")
     assert bag.import_errors == {}, bag.import_errors
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(bag, "dags-folder", None)
     dag = bag.get_dag("fedbucket_round")
     return dag.test(run_conf=run_conf or {}, logical_date=logical_date)
 
@@ -101,6 +108,7 @@ class Clients:
             threading.Thread(target=self._run, args=(cid, i), daemon=True) for i, cid in enumerate(behaviours)
         ]
         self.errors: list[str] = []
+        self.run_over = threading.Event()  # set when the DAG run returned: stop waiting for a round
 
     def __enter__(self) -> Clients:
         for t in self.threads:
@@ -108,6 +116,7 @@ class Clients:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.run_over.set()
         for t in self.threads:
             t.join(timeout=600)
         assert not self.errors, self.errors
@@ -115,7 +124,12 @@ class Clients:
     def _run(self, client_id: str, index: int) -> None:
         try:
             with Client(self.store_url, client_id, cache_dir=self.cache / client_id) as client:
-                task = client.wait_for_round(timeout=600, poll_interval=0.2)
+                task = client.current_round()
+                while task is None:  # until the round opens, or the run is over without one
+                    if self.run_over.wait(0.2):
+                        self.errors.append(f"{client_id}: the run ended before a round opened")
+                        return
+                    task = client.current_round()
                 behaviour = self.behaviours[client_id]
                 if behaviour == "hostile":
                     _write_raw_update(
@@ -156,10 +170,13 @@ def asset_events(bucket: str) -> list[dict]:
 
     from fedbucket_airflow.operators import current_model_asset
 
-    uri = current_model_asset(bucket).uri
+    name = current_model_asset(bucket).name
     with create_session() as session:
-        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.uri == uri)
-        return [dict(event.extra) for event in session.scalars(query)]
+        query = select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).where(AssetModel.name == name)
+        found = [dict(event.extra) for event in session.scalars(query)]
+        if not found:  # say what is there, to tell a missing event from a renamed asset
+            print("asset events:", [(a.name, a.uri) for a in session.scalars(select(AssetModel))])
+        return found
 
 
 def report_of(store: ObjectStore, round_id: str) -> RoundReport:
