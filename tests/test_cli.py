@@ -93,3 +93,10 @@ def test_an_unreadable_local_file_is_one_line(store_url, open_task, tmp_path):
     assert run.returncode == EXIT_USAGE and len(run.stderr.strip().splitlines()) == 1
     assert "is not a file" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_client_commands_use_the_cli_exit_codes():
+    from fedbucket import cli
+    from fedbucket.client import cli as client_cli
+
+    assert (client_cli.EXIT_OK, client_cli.EXIT_NO_ROUND) == (cli.EXIT_OK, cli.EXIT_NO_ROUND)

@@ -21,6 +21,8 @@ from fedbucket.protocol.layout import check_identifier
 from fedbucket.protocol.storage import open_store
 from fedbucket.protocol.tensors import load_tensors
 
+# The two exit codes these commands return themselves; the table is fedbucket.cli.EXIT_CODES (which the
+# client may not import: the CLI entry point sits above the role packages). tests/test_cli.py checks they agree.
 EXIT_OK, EXIT_NO_ROUND = 0, 3
 
 
