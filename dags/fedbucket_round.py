@@ -7,10 +7,14 @@ One run of this DAG is one federated round:
 2. **wait_for_updates** until the quorum (plus grace) or the deadline — deferrable; below the
    quorum at the deadline the round is *abandoned* and the next three steps are skipped;
 3. **aggregate** the frozen updates with the Spark job (`spark_jobs/aggregate.py`);
-4. **evaluate** candidate and base model on the held-out split (`spark_jobs/evaluate.py`);
-5. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`):
+4. only when the gate uses federated evaluation (`[gate] source = "federated"` or `"both"`):
+   **request_evaluation** publishes the candidate for clients to score on their own data, and
+   **wait_for_evaluations** waits for their scores (its own quorum and deadline, `[evaluation]`);
+5. **evaluate** the candidate against its base (`spark_jobs/evaluate.py`): on the server's
+   validation split if it holds one, the test split (reported only), and the clients' pooled scores;
+6. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`):
    *success* = the pointer moved (and the current-model Asset gets an event), *skipped* = it did not;
-6. **report** (a teardown: it runs even when a step failed): `rounds/<round>/report.json` and a
+7. **report** (a teardown: it runs even when a step failed): `rounds/<round>/report.json` and a
    summary in the task log.
 
 Trigger a round by hand with parameters (unknown keys and invalid values fail the publish step):
@@ -33,6 +37,7 @@ from fedbucket_airflow.operators import (
     LocalSparkSubmitOperator,
     OpenRoundOperator,
     PromoteCandidateOperator,
+    RequestEvaluationOperator,
     RoundReportOperator,
     current_model_asset,
 )
@@ -105,7 +110,7 @@ def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate
 
 with DAG(
     dag_id="fedbucket_round",
-    description="One federated round: publish, wait, aggregate (Spark), evaluate (Spark), promote, report",
+    description="One federated round: publish, wait, aggregate, [federated scoring], evaluate, promote, report",
     schedule=config.schedule,
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
@@ -130,7 +135,10 @@ with DAG(
         *("--strategy-options", run_setting("['aggregation']['options'] | tojson")),
         *("--min-clients", run_setting("['aggregation_quorum']")),
     ]
-    evaluate_args = ["--bucket", config.bucket, "--round", run_setting("['round_id']")]
+    evaluate_args = [
+        *("--bucket", config.bucket, "--round", run_setting("['round_id']")),
+        *("--metric", run_setting("['gate']['metric']")),
+    ]
     if config.aggregation.engine == "dataproc":
         spark_steps = dataproc_steps(config, aggregate_args, evaluate_args)
     else:
@@ -150,6 +158,16 @@ with DAG(
             task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
         )
         spark_steps = [aggregate, evaluate]
+    if config.gate.source != "holdout":  # clients score the candidate between aggregate and evaluate
+        request_evaluation = RequestEvaluationOperator(task_id="request_evaluation", settings=settings)
+        wait_for_evaluations = RoundQuorumSensor(
+            task_id="wait_for_evaluations",
+            settings=settings,
+            phase="evaluations",
+            poke_interval=config.evaluation.poll_seconds,
+            timeout=2 * config.evaluation.deadline_seconds + config.evaluation.settle_seconds + 3600,
+        )
+        spark_steps[-1:-1] = [request_evaluation, wait_for_evaluations]
     promote = PromoteCandidateOperator(
         task_id="promote", settings=settings, outlets=[current_model_asset(config.bucket)]
     )

@@ -172,6 +172,7 @@ def round_row(bucket_dir: Path, round_id: str, returncode: int) -> dict:
     updates = report["updates"]
     rejected = {u["client_id"]: u["code"] for u in updates if not u["accepted"] and u["code"] != "late"}
     metrics = report.get("metrics") or {}
+    metrics = metrics.get("validation") or metrics.get("federated") or {}  # the gate's figures
     return {
         "round": round_id,
         "status": report["status"],

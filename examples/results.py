@@ -21,17 +21,17 @@ DOCS = REPO / "docs"
 def centralised(epochs: int, seed: int = 0) -> list[float]:
     """Held-out accuracy after each epoch of central training on all training data."""
     from fedbucket.protocol.documents import ModelSpec, TrainingConfig
-    from fedbucket.sim.datasets import digits
+    from fedbucket.torch.digits import digits
+    from fedbucket.torch.task import build_model
     from fedbucket.torch.training import evaluate, train_local
-    from fedbucket.torch.zoo import build_model
 
     train, holdout = digits(seed=seed)
     model = build_model(ModelSpec(name="mlp", kwargs={"hidden": 64}), seed=seed)
     training = TrainingConfig(local_epochs=1, batch_size=16, learning_rate=0.05)
     scores = []
     for epoch in range(epochs):
-        train_local(model, train.x, train.y, training, seed=epoch)
-        scores.append(evaluate(model, holdout.x, holdout.y)["accuracy"])
+        train_local(model, train, training, seed=epoch)
+        scores.append(evaluate(model, holdout)["accuracy"])
     return scores
 
 

@@ -1,10 +1,13 @@
-"""PySpark job: score a round's candidate and its base model on the held-out split.
+"""PySpark job: evaluate a round's candidate against its base model, from every source present.
 
     spark-submit --master 'local[*]' spark_jobs/evaluate.py --bucket file:///srv/federation --round R
 
-The split is cut into row ranges, one Spark task each; every task reads its rows and both models
-from the bucket, and returns confusion matrices and loss sums that the driver adds up. Writes
-``rounds/<round>/evaluation.json``. Exit status: 0 written, 2 bad arguments, 1 failure.
+The server's validation split (both models) and test split (the candidate, reported only), if
+the federation has them, are cut into row ranges, one Spark task each; every task reads its rows
+and the models from the bucket and returns per-class counts and loss sums that the driver adds up.
+The clients' scores frozen by the evaluation wait, if any, are pooled after trimming. Writes
+``rounds/<round>/evaluation.json``. The task package named by the candidate's ``model.task`` must
+be importable on the driver and the executors. Exit status: 0 written, 2 bad arguments, 1 failure.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket", required=True, help="federation URL: gs://bucket/prefix or file:///dir")
     parser.add_argument("--round", required=True, dest="round_id", help="round id")
-    parser.add_argument("--rows-per-task", type=int, default=4096, help="hold-out rows per Spark task")
+    parser.add_argument("--rows-per-task", type=int, default=4096, help="split rows per Spark task")
     parser.add_argument(
-        "--num-classes", type=int, default=None, help="number of labels (default: from the hold-out labels)"
+        "--metric",
+        choices=["accuracy", "macro_f1", "loss"],
+        default="accuracy",
+        help="the gate metric: federated trimming ranks client reports by it (default: accuracy)",
     )
     return parser
 
@@ -46,14 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("round %s is below quorum (no candidate): nothing to evaluate", args.round_id)
         return 0
 
+    if not (store.exists(LAYOUT.validation_split) or store.exists(LAYOUT.test_split)):
+        log.info("no validation or test split on the server: pooling the clients' scores only (no Spark)")
+        run_evaluation(store, args.round_id, metric=args.metric, log=log.info)
+        return 0
     spark = spark_session(f"fedbucket-evaluate-{args.round_id}")
     try:
         run_evaluation(
             store,
             args.round_id,
+            metric=args.metric,
             engine=spark_engine(spark.sparkContext),
             rows_per_task=args.rows_per_task,
-            num_classes=args.num_classes,
             log=log.info,
         )
     finally:

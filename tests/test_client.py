@@ -32,9 +32,9 @@ from fedbucket.cli import EXIT_NO_ROUND, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, mai
 from fedbucket.protocol.documents import ModelSpec, utcnow
 from fedbucket.protocol.tensors import save_tensors
 from fedbucket.server.rounds import close_round, open_round, publish_model, set_current_model
-from fedbucket.sim.datasets import digits
+from fedbucket.torch.digits import digits
 from fedbucket.torch.training import load_global_weights, state_dict_to_numpy, train_local
-from fedbucket.torch.zoo import build_model
+from fedbucket.torch.task import build_model
 
 
 def trained_from(base: dict[str, np.ndarray], seed: int = 5) -> dict[str, np.ndarray]:
@@ -78,7 +78,7 @@ def test_delta_after_real_training_is_exact_wherever_float32_can_be():
     train, _ = digits()
     model = build_model(ModelSpec(name="cnn"), seed=1)
     base = state_dict_to_numpy(model)
-    train_local(model, train.x[:200], train.y[:200], TrainingConfig(local_epochs=2, learning_rate=0.1))
+    train_local(model, train.subset(slice(0, 200)), TrainingConfig(local_epochs=2, learning_rate=0.1))
     trained = state_dict_to_numpy(model)
     delta = compute_delta(model.state_dict(), base)
     rebuilt = apply_delta(base, delta)
@@ -162,7 +162,7 @@ def test_three_line_torch_integration(store, tmp_path):
         load_global_weights(model, client.fetch_model(task))
         for name, value in model.state_dict().items():
             assert torch.equal(value, initial.state_dict()[name]), name
-        metrics = train_local(model, train.x[:100], train.y[:100], task.training)
+        metrics = train_local(model, train.subset(slice(0, 100)), task.training)
         client.submit(task, model.state_dict(), num_examples=100, metrics=metrics)
     assert validate_update(store, task, LAYOUT.update_manifest("c1", "r1")).l2_norm > 0
     wrong = build_model(ModelSpec(name="cnn"), seed=0)

@@ -23,10 +23,10 @@ from fedbucket.protocol.documents import ModelManifest, RoundClosing, RoundRepor
 from fedbucket.server.config import FederationConfig
 from fedbucket.server.initialise import init_federation
 from fedbucket.server.rounds import current_model
-from fedbucket.sim.datasets import digits_holdout
+from fedbucket.torch.digits import digits
 from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
 from fedbucket.torch.training import load_global_weights, train_local
-from fedbucket.torch.zoo import build_model
+from fedbucket.torch.task import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.airflow, pytest.mark.spark]
@@ -99,7 +99,8 @@ class Clients:
     """Clients in threads: wait for the round, train for real (PyTorch MLP on digits), submit."""
 
     def __init__(self, store_url: str, cache: Path, behaviours: dict[str, str]) -> None:
-        from fedbucket.sim.datasets import digits, partition
+        from fedbucket.sim.datasets import partition
+from fedbucket.torch.digits import digits
 
         self.store_url, self.cache, self.behaviours = store_url, cache, behaviours
         self.train, _ = digits()
@@ -139,7 +140,7 @@ class Clients:
                 model = build_model(task.model)
                 load_global_weights(model, client.fetch_model(task))
                 idx = self.parts[index]
-                train_local(model, self.train.x[idx], self.train.y[idx], task.training, seed=index)
+                train_local(model, self.train.subset(idx), task.training, seed=index)
                 if behaviour == "late":
                     time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 0.5)
                     from fedbucket.client import compute_delta, upload_update
@@ -158,7 +159,7 @@ class Clients:
 def federation(store_url: str, tmp_path: Path, airflow_home: Path) -> tuple[ObjectStore, str]:
     store = open_store(store_url, create=True)
     config = FederationConfig(bucket=store_url, model={"name": "mlp", "kwargs": {"hidden": 32}})
-    init_federation(store, config, holdout=digits_holdout())
+    init_federation(store, config, validation=digits()[1])
     return store, store_url
 
 
@@ -215,7 +216,9 @@ def test_normal_round_promotes_and_rerun_reproduces_it(federation, tmp_path):
     assert report.status == "promoted" and len([u for u in report.updates if u.accepted]) == 3
     pointer, generation = current_model(store)
     assert pointer.version == "round-1" and pointer.sha256 == report.candidate_sha256
-    assert report.metrics["candidate"]["accuracy"] > report.metrics["current"]["accuracy"]
+    validation = report.metrics["validation"]
+    assert validation["candidate"]["accuracy"] > validation["current"]["accuracy"]
+    assert "federated" not in report.metrics  # gate.source = "holdout": clients were not asked to score
     events = asset_events(url)
     assert [e["version"] for e in events] == ["round-1"] and events[0]["metrics"]["accuracy"] > 0
 

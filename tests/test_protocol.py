@@ -37,7 +37,7 @@ def test_documented_layout_matches_the_code():
     names = [
         LAYOUT.current_model,
         LAYOUT.current_round,
-        LAYOUT.holdout,
+        LAYOUT.validation_split,
         LAYOUT.model_payload("VERSION"),
         LAYOUT.model_manifest("VERSION"),
         LAYOUT.round_task("ROUND"),

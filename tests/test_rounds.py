@@ -23,6 +23,7 @@ from fedbucket.client import upload_update
 from fedbucket.protocol.documents import (
     ClassMetrics,
     EvaluationReport,
+    SplitMetrics,
     ModelMetrics,
     utcnow,
     write_document,
@@ -332,9 +333,8 @@ def write_evaluation(store: ObjectStore, round_id: str, *, candidate: float, cur
             version=version, loss=1 - accuracy, accuracy=accuracy, macro_f1=accuracy, finite=True, per_class=per_class
         )
 
-    report = EvaluationReport(
-        round_id=round_id, examples=10, candidate=metrics(round_id, candidate), current=metrics("init", current)
-    )
+    validation = SplitMetrics(examples=10, candidate=metrics(round_id, candidate), current=metrics("init", current))
+    report = EvaluationReport(round_id=round_id, validation=validation)
     write_document(store, LAYOUT.evaluation_report(round_id), report)
 
 
@@ -457,9 +457,8 @@ def test_gate_decision():
                 version=version, loss=loss, accuracy=accuracy, macro_f1=accuracy, finite=np.isfinite(loss)
             )
 
-        return EvaluationReport(
-            round_id="r", examples=1, candidate=m("r", candidate, loss), current=m("i", current, 0.5)
-        )
+        validation = SplitMetrics(examples=1, candidate=m("r", candidate, loss), current=m("i", current, 0.5))
+        return EvaluationReport(round_id="r", validation=validation)
 
     assert gate_decision(evaluation(0.80, 0.81), GateSettings(tolerance=0.02)).passed
     assert not gate_decision(evaluation(0.78, 0.81), GateSettings(tolerance=0.02)).passed

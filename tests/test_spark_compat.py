@@ -17,7 +17,7 @@ from fedbucket.server.aggregation import run_aggregation
 from fedbucket.server.config import FederationConfig
 from fedbucket.server.initialise import init_federation
 from fedbucket.server.strategies import build_strategy
-from fedbucket.sim.datasets import digits_holdout
+from fedbucket.torch.digits import digits
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK35 = REPO / ".venv-spark35" / "bin"
@@ -42,7 +42,7 @@ def test_jobs_run_on_spark_35_with_the_same_results(tmp_path):
     init_federation(
         store,
         FederationConfig(bucket=store.url, model={"name": "mlp", "kwargs": {"hidden": 8}}),
-        holdout=digits_holdout(),
+        validation=digits()[1],
     )
     # Updates shaped like the federation's MLP, so that evaluate.py can score the candidate.
     from fedbucket.protocol.tensors import load_tensors
@@ -64,6 +64,8 @@ def test_jobs_run_on_spark_35_with_the_same_results(tmp_path):
     run = submit("evaluate.py", "--bucket", store.url, "--round", "r1", "--rows-per-task", "100")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     evaluation, _ = read_document(store, LAYOUT.evaluation_report("r1"), EvaluationReport)
-    assert evaluation.examples == 360 and 0 <= evaluation.candidate.accuracy <= 1
-    assert sum(c.support for c in evaluation.current.per_class.values()) == 360
+    validation = evaluation.validation
+    assert validation is not None and validation.examples == 360 and 0 <= validation.candidate.accuracy <= 1
+    assert sum(c.support for c in validation.current.per_class.values()) == 360
+    assert evaluation.test is None and evaluation.federated is None  # no test split, no client scores
     assert json.loads(store.get_bytes(LAYOUT.evaluation_report("r1"))[0])["kind"] == "evaluation-report"

@@ -24,10 +24,10 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.errors import ConfigError, FedbucketError, InvalidIdentifier, PreconditionFailed
 from fedbucket.protocol.layout import LAYOUT
-from fedbucket.server.config import FederationConfig, RunSettings
-from fedbucket.server.promotion import gate_decision, promote_candidate
+from fedbucket.server.config import FederationConfig, RunSettings, check_task
+from fedbucket.server.promotion import gate_decision, gate_figures, promote_candidate
 from fedbucket.server.report import build_round_report, summary_lines
-from fedbucket.server.rounds import open_round, round_id_for
+from fedbucket.server.rounds import open_round, request_evaluation, round_id_for
 from fedbucket_airflow.hooks import FederationHook
 
 
@@ -73,6 +73,7 @@ class OpenRoundOperator(BaseOperator):
             round_id = round_id_for(dag_run.logical_date, dag_run.run_after, params.get("round_id"))
             overrides = {**params, **(dag_run.conf or {})}  # conf keys without a Param are caught here
             run = RunSettings.resolve(config, round_id, overrides)
+            check_task(config, run.training)  # the task imports here, and training.extra fits it
             longest = run.round.deadline_seconds + run.round.settle_seconds
             if self.max_deadline_seconds is not None and longest > self.max_deadline_seconds:
                 raise ConfigError(
@@ -93,6 +94,7 @@ class OpenRoundOperator(BaseOperator):
             max_clients=run.round.max_clients,
             max_update_norm=run.round.max_update_norm,
             max_examples_per_update=run.round.max_examples_per_update,
+            federated_evaluation=run.federated_evaluation,
         )
         self.log.info(
             "round %s open: base model %s, deadline %s, quorum %d, strategy %s %s, training %s",
@@ -100,6 +102,44 @@ class OpenRoundOperator(BaseOperator):
             run.aggregation.strategy, run.aggregation.options, task.training,
         )  # fmt: skip
         return run.model_dump(mode="json")
+
+
+class RequestEvaluationOperator(BaseOperator):
+    """Publish the round's candidate for federated evaluation: ``rounds/<round>/evaluation-task.json``
+    (deadline, quorum, bounds from the run's ``[evaluation]`` settings) and the round pointer set
+    to ``evaluating``, so clients score it on their own validation data. Idempotent.
+
+    :param settings: the run's settings from the publish step (templated).
+    """
+
+    template_fields: Sequence[str] = ("settings",)
+
+    def __init__(self, *, settings: dict[str, Any] | str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.gcp_conn_id = gcp_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from fedbucket.torch.task import task_for
+
+        run = RunSettings.model_validate(self.settings)
+        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        aggregation, _ = read_optional(store, LAYOUT.aggregation_report(run.round_id), AggregationReport)
+        if aggregation is None or aggregation.status != "aggregated":
+            raise AirflowSkipException(f"round {run.round_id} has no candidate: nothing to evaluate")
+        candidate, _ = read_document(store, LAYOUT.candidate_manifest(run.round_id), ModelManifest)
+        task = request_evaluation(
+            store,
+            run.round_id,
+            run.evaluation,
+            num_classes=task_for(candidate.model).num_classes,
+            opened_at=utcnow(),
+        )
+        self.log.info(
+            "round %s: candidate %s published for federated evaluation until %s (quorum %d, trim %g)",
+            run.round_id, task.candidate_sha256[:12], task.deadline.isoformat(), task.min_reports, task.trim_fraction,
+        )  # fmt: skip
+        return {"deadline": task.deadline.isoformat(), "min_reports": task.min_reports}
 
 
 class LocalSparkSubmitOperator(BaseOperator):
@@ -217,16 +257,13 @@ class PromoteCandidateOperator(BaseOperator):
         if not promotion.moved:  # a re-run: no new model, so no new Asset event either
             raise AirflowSkipException(f"{manifest.version} was promoted by an earlier run; nothing to do")
         self.log.info("promoted %s (sha256 %s): %s", manifest.version, manifest.sha256[:12], decision.message)
+        figures = gate_figures(evaluation, run.gate)
         for asset in self.outlets:
             context["outlet_events"][asset].extra = {
                 "version": manifest.version,
                 "sha256": manifest.sha256,
                 "round_id": run.round_id,
-                "metrics": {
-                    "accuracy": evaluation.candidate.accuracy,
-                    "macro_f1": evaluation.candidate.macro_f1,
-                    "loss": evaluation.candidate.loss,
-                },
+                "metrics": figures.model_dump(include={"accuracy", "macro_f1", "loss"}) if figures else {},
             }
         return {"promoted": manifest.version}
 
@@ -265,6 +302,7 @@ __all__ = [
     "LocalSparkSubmitOperator",
     "OpenRoundOperator",
     "PromoteCandidateOperator",
+    "RequestEvaluationOperator",
     "RoundReportOperator",
     "current_model_asset",
 ]

@@ -1,4 +1,5 @@
-"""The sensor: the round's wait step — a real sensor (``poke``), deferrable by default."""
+"""The sensor: a round's wait steps — for updates, and for the clients' evaluations of the
+candidate — a real sensor (``poke``), deferrable by default."""
 
 from __future__ import annotations
 
@@ -10,17 +11,30 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from fedbucket.protocol.documents import RoundClosing, RoundTask, read_document, read_optional, utcnow
+from fedbucket.protocol.documents import (
+    EvaluationClosing,
+    EvaluationTask,
+    RoundClosing,
+    RoundTask,
+    read_document,
+    read_optional,
+    utcnow,
+)
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
-from fedbucket.server.config import RunSettings
-from fedbucket.server.rounds import freeze_round, wait_decision
+from fedbucket.server.config import RunSettings, WaitSettings
+from fedbucket.server.rounds import freeze_evaluations, freeze_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
-from fedbucket_airflow.triggers import RoundQuorumTrigger, look_at_round
+from fedbucket_airflow.triggers import Phase, RoundQuorumTrigger, look_at_round
 
 
 class RoundQuorumSensor(BaseSensorOperator):
     """Wait until the round has its quorum (or its deadline passes), then freeze it.
+
+    ``phase="updates"`` (the default) waits for model updates; ``phase="evaluations"`` waits for
+    the clients' scores of the round's candidate (``[evaluation]`` settings) and freezes them in
+    ``rounds/<round>/evaluation-closing.json``. Below its quorum an evaluation wait still
+    succeeds: the gate then refuses the candidate for lack of figures, and the report says so.
 
     :meth:`poke` looks at the bucket once (this round's manifests and the payloads' headers: an
     update counts toward the quorum only if it passes those cheap checks) and applies
@@ -47,9 +61,11 @@ class RoundQuorumSensor(BaseSensorOperator):
         settings: dict[str, Any] | str,
         deferrable: bool = True,
         gcp_conn_id: str | None = None,
+        phase: Phase = "updates",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.phase = phase
         self.settings = settings
         self.deferrable = deferrable
         self.gcp_conn_id = gcp_conn_id
@@ -63,19 +79,24 @@ class RoundQuorumSensor(BaseSensorOperator):
         """One store for every poke of this task attempt."""
         return FederationHook(self.run_settings.bucket, gcp_conn_id=self.gcp_conn_id).store
 
+    def wait_settings(self, run: RunSettings) -> WaitSettings:
+        return run.round if self.phase == "updates" else run.evaluation
+
     def poke(self, context: Context) -> PokeReturnValue | bool:
         run = self.run_settings
         store = self.store
-        closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
+        closing_name = (LAYOUT.round_closing if self.phase == "updates" else LAYOUT.evaluation_closing)(run.round_id)
+        closing, _ = read_optional(store, closing_name, RoundClosing if self.phase == "updates" else EvaluationClosing)
         if closing is not None:
-            self.log.info("round %s was closed by an earlier run: using its frozen updates", run.round_id)
+            self.log.info("round %s: %s were frozen by an earlier run; using them", run.round_id, self.phase)
             return PokeReturnValue(True, self._finish(run, closing.reason))
-        task, survey = look_at_round(store, run.round_id)
-        reason = wait_decision(survey, now=utcnow(), deadline=task.deadline, settings=run.round)
+        task, survey = look_at_round(store, run.round_id, phase=self.phase)
+        settings = self.wait_settings(run)
+        reason = wait_decision(survey, now=utcnow(), deadline=task.deadline, settings=settings)
         if reason is None:
             self.log.info(
-                "round %s: %d update(s) on time and well-formed, %d rejected; need %d by %s",
-                run.round_id, len(survey.on_time), len(survey.rejected), run.round.min_clients,
+                "round %s: %d %s on time and well-formed, %d rejected; need %d by %s",
+                run.round_id, len(survey.on_time), self.phase, len(survey.rejected), settings.min_clients,
                 task.deadline.isoformat(),
             )  # fmt: skip
             return False
@@ -92,9 +113,10 @@ class RoundQuorumSensor(BaseSensorOperator):
             trigger=RoundQuorumTrigger(
                 bucket=run.bucket,
                 round_id=run.round_id,
-                settings=run.round.model_dump(),
+                settings=self.wait_settings(run).model_dump(),
                 poll_seconds=self.poke_interval,
                 gcp_conn_id=self.gcp_conn_id,
+                phase=self.phase,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),
@@ -102,10 +124,14 @@ class RoundQuorumSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") != "done":
-            raise AirflowException(f"waiting for round {self.run_settings.round_id} failed: {event.get('message')}")
+            raise AirflowException(
+                f"waiting for round {self.run_settings.round_id}'s {self.phase} failed: {event.get('message')}"
+            )
         return self._finish(self.run_settings, event["reason"])
 
     def _finish(self, run: RunSettings, reason: str) -> dict[str, Any]:
+        if self.phase == "evaluations":
+            return self._finish_evaluations(run, reason)
         store = self.store
         task, _ = read_document(store, LAYOUT.round_task(run.round_id), RoundTask)
         closing = freeze_round(store, task, reason=reason, closed_at=utcnow())
@@ -119,3 +145,20 @@ class RoundQuorumSensor(BaseSensorOperator):
                 f"fewer than {run.round.quorum_at_deadline}"
             )
         return {"reason": closing.reason, "updates": len(closing.updates), "rejected": len(closing.late)}
+
+    def _finish_evaluations(self, run: RunSettings, reason: str) -> dict[str, Any]:
+        store = self.store
+        task, _ = read_document(store, LAYOUT.evaluation_task(run.round_id), EvaluationTask)
+        closing = freeze_evaluations(store, task, reason=reason, closed_at=utcnow())
+        self.log.info(
+            "round %s: evaluation closed (%s): %d client evaluation(s) frozen for the gate, %d rejected",
+            run.round_id, closing.reason, len(closing.reports), len(closing.rejected),
+        )  # fmt: skip
+        for verdict in closing.rejected:
+            self.log.info("  REJECT EVALUATION %s %s: %s", verdict.client_id, verdict.code, verdict.reason)
+        if closing.reason == "below_quorum":
+            self.log.warning(
+                "round %s: %d client evaluation(s) by the deadline, fewer than %d: the gate will refuse the candidate",
+                run.round_id, len(closing.reports), task.min_reports,
+            )  # fmt: skip
+        return {"reason": closing.reason, "reports": len(closing.reports), "rejected": len(closing.rejected)}

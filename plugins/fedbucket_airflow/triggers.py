@@ -1,32 +1,42 @@
-"""The trigger: waits, in the triggerer, until a round reaches its quorum or its deadline."""
+"""The trigger: waits, in the triggerer, until a round's updates (or its candidate's client
+evaluations) reach their quorum or their deadline."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from fedbucket.protocol.documents import RoundTask, read_document, utcnow
+from fedbucket.protocol.documents import EvaluationTask, RoundTask, read_document, utcnow
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
-from fedbucket.server.config import RoundSettings
-from fedbucket.server.rounds import PrecheckCache, RoundSurvey, survey_round, wait_decision
+from fedbucket.server.config import EvaluationSettings, RoundSettings, WaitSettings
+from fedbucket.server.rounds import Survey, survey_evaluations, survey_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
+
+Phase = Literal["updates", "evaluations"]
+#: The settings model of each wait.
+PHASE_SETTINGS: dict[str, type[WaitSettings]] = {"updates": RoundSettings, "evaluations": EvaluationSettings}
 
 
 def look_at_round(
-    store: ObjectStore, round_id: str, cache: PrecheckCache | None = None
-) -> tuple[RoundTask, RoundSurvey]:
-    """The round's task and its updates as they stand (this round's manifests and payload headers only)."""
-    task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
-    return task, survey_round(store, task, cache=cache)
+    store: ObjectStore, round_id: str, cache: dict | None = None, *, phase: Phase = "updates"
+) -> tuple[RoundTask | EvaluationTask, Survey]:
+    """The task of the wait (the round's, or its evaluation's) and what clients sent as it stands:
+    this round's manifests and payload headers, or this round's client evaluations."""
+    if phase == "updates":
+        task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
+        return task, survey_round(store, task, cache=cache)
+    evaluation_task, _ = read_document(store, LAYOUT.evaluation_task(round_id), EvaluationTask)
+    return evaluation_task, survey_evaluations(store, evaluation_task, cache=cache)
 
 
 class RoundQuorumTrigger(BaseTrigger):
     """Polls the bucket every ``poll_seconds`` and fires once
-    :func:`~fedbucket.server.rounds.wait_decision` says the wait is over.
+    :func:`~fedbucket.server.rounds.wait_decision` says the wait (for ``phase``: ``updates`` or
+    ``evaluations``) is over.
 
     Events: ``{"status": "done", "reason": ..., "on_time": n, "rejected": m}`` or
     ``{"status": "error", "message": ...}``. Updates that passed the cheap checks are remembered
@@ -41,8 +51,10 @@ class RoundQuorumTrigger(BaseTrigger):
         settings: dict[str, Any],
         poll_seconds: float,
         gcp_conn_id: str | None = None,
+        phase: Phase = "updates",
     ) -> None:
         super().__init__()
+        self.phase = phase
         self.bucket = bucket
         self.round_id = round_id
         self.settings = settings
@@ -58,24 +70,27 @@ class RoundQuorumTrigger(BaseTrigger):
                 "settings": self.settings,
                 "poll_seconds": self.poll_seconds,
                 "gcp_conn_id": self.gcp_conn_id,
+                "phase": self.phase,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        settings = RoundSettings.model_validate(self.settings)
-        cache: PrecheckCache = {}
+        settings = PHASE_SETTINGS[self.phase].model_validate(self.settings)
+        cache: dict = {}
         try:
             hook = FederationHook(self.bucket, gcp_conn_id=self.gcp_conn_id)
             store = await asyncio.to_thread(lambda: hook.store)  # one client for the whole wait
             while True:
-                task, survey = await asyncio.to_thread(look_at_round, store, self.round_id, cache)
+                task, survey = await asyncio.to_thread(look_at_round, store, self.round_id, cache, phase=self.phase)
                 now = utcnow()
                 reason = wait_decision(survey, now=now, deadline=task.deadline, settings=settings)
                 on_time, rejected = len(survey.on_time), len(survey.rejected)
                 if reason is not None:
                     yield TriggerEvent({"status": "done", "reason": reason, "on_time": on_time, "rejected": rejected})
                     return
-                self.log.info("round %s: %d on time, %d rejected so far; waiting", self.round_id, on_time, rejected)
+                self.log.info(
+                    "round %s: %d %s on time, %d rejected so far; waiting", self.round_id, on_time, self.phase, rejected
+                )
                 until_close = (task.deadline - now).total_seconds() + settings.settle_seconds
                 await asyncio.sleep(max(0.2, min(self.poll_seconds, until_close + 0.1)))
         except Exception as exc:  # report, don't crash the triggerer

@@ -27,7 +27,7 @@ from fedbucket.server.rounds import open_round, publish_model, publish_model_fil
 from fedbucket.sim.emulator import FakeGCSServer
 from fedbucket.sim.simulation import SimulationConfig, simulate
 from fedbucket.torch.training import state_dict_to_numpy
-from fedbucket.torch.zoo import build_model
+from fedbucket.torch.task import build_model
 from tests.benchmarks.distilbert import NUM_PARAMETERS, random_state
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "client.json"

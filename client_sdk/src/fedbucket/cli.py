@@ -169,12 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "init",
         "fedbucket.server.cli:cmd_init",
-        "Initialise a federation (server side): initial model from the config, hold-out split, empty rounds.",
-        "fedbucket init --config dags/federation.toml",
+        "Initialise a federation (server side): initial model from the config's task, the server's validation "
+        "and test splits if it holds any, empty rounds. Checks everything before writing anything.",
+        "fedbucket init --config dags/federation.toml --validation val.safetensors --test test.safetensors",
     )
     p.add_argument("--config", required=True, help="federation config (TOML)")
     p.add_argument("--bucket", default=None, help="override the config's bucket URL")
-    p.add_argument("--holdout", help="safetensors file with x (features) and y (labels); default: digits hold-out")
+    p.add_argument(
+        "--validation",
+        metavar="FILE",
+        help="safetensors file with x and y (int64 labels): the split that gates promotion "
+        "(default unless gate.source is federated: a share of the task's example data, e.g. digits)",
+    )
+    p.add_argument("--test", metavar="FILE", help="safetensors file with x and y: reported only, never gated on")
+    p.add_argument(
+        "--no-splits", action="store_true", help="publish no server splits (the gate must use federated evaluation)"
+    )
     timeout(p)
 
     p = add(

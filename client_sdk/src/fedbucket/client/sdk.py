@@ -30,7 +30,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedbucket.protocol.documents import (
+    ClientEvaluation,
+    EvaluationTask,
     ModelManifest,
+    ModelScore,
     RoundPointer,
     RoundTask,
     UpdateManifest,
@@ -201,6 +204,20 @@ class Client:
                 raise WaitTimeout(f"no new round opened within {timeout:.0f}s")
             time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
 
+    def current_evaluation(self) -> EvaluationTask | None:
+        """The candidate the server asks clients to score now, or ``None`` (see docs/aggregation.md,
+        "Federated evaluation")."""
+        pointer, _ = read_optional(self.store, self.layout.current_round, RoundPointer)
+        if pointer is None or pointer.status != "evaluating":
+            return None
+        task, _ = read_optional(self.store, self.layout.evaluation_task(pointer.round_id), EvaluationTask)
+        return task if task is not None and utcnow() < task.deadline else None
+
+    def evaluated(self, round_id: str) -> ClientEvaluation | None:
+        """This client's committed evaluation of ``round_id``'s candidate, if any."""
+        report, _ = read_optional(self.store, self.layout.client_evaluation(self.client_id, round_id), ClientEvaluation)
+        return report
+
     def submitted(self, round_id: str) -> UpdateManifest | None:
         """This client's committed update for ``round_id``, if any."""
         manifest, _ = read_optional(self.store, self.layout.update_manifest(self.client_id, round_id), UpdateManifest)
@@ -240,6 +257,45 @@ class Client:
         except ImportError:
             return arrays
         return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
+
+    def fetch_candidate(self, task: EvaluationTask) -> dict[str, np.ndarray]:
+        """The candidate an evaluation task asks to score, sha256-verified (numpy arrays)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "candidate.safetensors"
+            self.store.download_file(self.layout.candidate_payload(task.round_id), part)
+            digest = sha256_file(part)
+            if digest != task.candidate_sha256:
+                raise ChecksumMismatch(
+                    f"candidate of round {task.round_id} downloaded with sha256 {digest}, the evaluation task "
+                    f"says {task.candidate_sha256}; tell the federation operator"
+                )
+            return load_tensors(part)
+
+    def submit_evaluation(
+        self, task: EvaluationTask, *, candidate: ModelScore, current: ModelScore
+    ) -> ClientEvaluation:
+        """Send this client's scores of the candidate and of the round's base model (both on the
+        same local validation examples). Checked locally exactly as the server will check it;
+        resubmitting before the deadline replaces the earlier report."""
+        from fedbucket.protocol.validation import check_client_evaluation
+
+        if utcnow() > task.deadline:
+            raise RoundNotOpen(f"the evaluation of round {task.round_id} closed at {task.deadline.isoformat()}")
+        try:
+            report = ClientEvaluation(
+                client_id=self.client_id,
+                round_id=task.round_id,
+                candidate_sha256=task.candidate_sha256,
+                base_model_version=task.base_model_version,
+                candidate=candidate,
+                current=current,
+                created_at=utcnow(),
+            )
+        except ValidationError as exc:
+            raise InvalidManifest(f"cannot describe this evaluation: {describe_validation_error(exc)}") from None
+        check_client_evaluation(task, report, report.created_at)
+        self.store.put_bytes(self.layout.client_evaluation(self.client_id, task.round_id), report.to_json_bytes())
+        return report
 
     # -- submitting ----------------------------------------------------------------------------
 

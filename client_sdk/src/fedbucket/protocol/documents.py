@@ -117,13 +117,38 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
 
 
+TaskReference = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$", max_length=200)]
+Option = int | float | str | bool
+#: Free-form options (model kwargs, ``training.extra``): a few scalars with short names.
+Options = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Option],
+    Field(max_length=32),
+]
+
+
 class ModelSpec(BaseModel):
-    """Which architecture a federation trains: a zoo name or ``module:callable``, plus kwargs."""
+    """Which architecture a federation trains: a task package (``package.module:attribute``;
+    ``None`` is the built-in digits task), one of the task's model names, and its kwargs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: TaskReference | None = None
     name: str = Field(min_length=1, max_length=200)
-    kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    kwargs: Options = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _bounded_strings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_options(value)
+
+
+def _check_options(value: dict[str, Any]) -> dict[str, Any]:
+    for key, option in value.items():
+        if isinstance(option, str) and len(option) > 256:
+            raise ValueError(f"{key}: strings may be at most 256 characters")
+        if isinstance(option, float) and not math.isfinite(option):
+            raise ValueError(f"{key}: numbers must be finite")
+    return value
 
 
 class ModelManifest(Document):
@@ -160,6 +185,15 @@ class TrainingConfig(BaseModel):
     proximal_mu: float = Field(
         default=0.0, ge=0, le=100, description="FedProx proximal term weight (0 = plain FedAvg local training)"
     )
+    extra: Options = Field(
+        default_factory=dict,
+        description="the task's own hyper-parameters (at most 32 scalars), validated by its training_extra model",
+    )
+
+    @field_validator("extra")
+    @classmethod
+    def _bounded_strings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_options(value)
 
 
 class RoundTask(Document):
@@ -179,6 +213,9 @@ class RoundTask(Document):
     min_clients: int = Field(default=1, ge=1)
     max_clients: int | None = Field(default=None, ge=1)
     max_examples_per_update: int | None = Field(default=None, ge=1)
+    federated_evaluation: bool = Field(
+        default=False, description="the round's candidate will be published for clients to score"
+    )
 
     _tz_opened = field_validator("opened_at", "deadline")(_utc)
 
@@ -188,7 +225,7 @@ class RoundPointer(Document):
 
     kind: ClassVar[str] = "round-pointer"
     round_id: Identifier
-    status: Literal["open", "closed"]
+    status: Literal["open", "closed", "evaluating"]
 
 
 class UpdateManifest(Document):
@@ -299,14 +336,126 @@ class ModelMetrics(BaseModel):
     per_class: dict[str, ClassMetrics] = Field(default_factory=dict)
 
 
-class EvaluationReport(Document):
-    """``rounds/<round>/evaluation.json``: the candidate and the round's base model on the hold-out split."""
+#: Most classes a federated evaluation may have (bounds every client's report).
+MAX_CLASSES = 1000
+Count = Annotated[int, Field(ge=0, le=10**12)]
 
-    kind: ClassVar[str] = "evaluation-report"
+
+class ModelScore(BaseModel):
+    """One model's score on some examples, in sums that add up across sites: summed
+    cross-entropy and per-class true positives, false positives and false negatives (enough to
+    recompute loss, accuracy and macro-F1 exactly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    examples: Count
+    loss_sum: float = Field(ge=0)
+    true_positive: list[Count] = Field(max_length=MAX_CLASSES)
+    false_positive: list[Count] = Field(max_length=MAX_CLASSES)
+    false_negative: list[Count] = Field(max_length=MAX_CLASSES)
+
+    @field_validator("loss_sum")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("loss_sum must be finite")
+        return value
+
+
+class EvaluationTask(Document):
+    """``rounds/<round>/evaluation-task.json``: a round's candidate, published for clients to score
+    against the round's base model on their own validation data."""
+
+    kind: ClassVar[str] = "evaluation-task"
     round_id: Identifier
+    candidate_sha256: Sha256
+    base_model_version: Identifier
+    base_model_sha256: Sha256
+    model: ModelSpec
+    num_classes: int = Field(ge=2, le=MAX_CLASSES)
+    opened_at: datetime
+    deadline: datetime
+    max_examples_per_report: int | None = Field(default=None, ge=1)
+    min_reports: int = Field(default=1, ge=1, description="reports the gate needs")
+    trim_fraction: float = Field(default=0.0, ge=0, lt=0.5, description="share trimmed from each end before pooling")
+
+    _tz = field_validator("opened_at", "deadline")(_utc)
+
+
+class ClientEvaluation(Document):
+    """``updates/<client>/<round>/evaluation.json``: one client's scores of the candidate and the
+    round's base model on the same local validation examples. Untrusted: validated like an update."""
+
+    kind: ClassVar[str] = "client-evaluation"
+    client_id: Identifier
+    round_id: Identifier
+    candidate_sha256: Sha256
+    base_model_version: Identifier
+    candidate: ModelScore
+    current: ModelScore
+    created_at: datetime
+
+    _tz = field_validator("created_at")(_utc)
+
+
+class ClosedEvaluation(BaseModel):
+    """A client evaluation accepted when the evaluation wait ended, with its commit time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report: ClientEvaluation
+    committed_at: datetime
+
+    _tz = field_validator("committed_at")(_utc)
+
+
+class EvaluationClosing(Document):
+    """``rounds/<round>/evaluation-closing.json``: the client evaluations a round's gate uses, frozen
+    (inline: they are small) when the evaluation wait ended."""
+
+    kind: ClassVar[str] = "evaluation-closing"
+    round_id: Identifier
+    closed_at: datetime
+    reason: Literal["max_clients", "quorum", "deadline", "below_quorum"]
+    reports: list[ClosedEvaluation] = Field(default_factory=list)
+    rejected: list[UpdateVerdict] = Field(default_factory=list)
+
+    _tz = field_validator("closed_at")(_utc)
+
+
+class SplitMetrics(BaseModel):
+    """The candidate and the round's base model on the server's validation split (gates)."""
+
+    model_config = ConfigDict(extra="forbid")
     examples: int
     candidate: ModelMetrics
     current: ModelMetrics
+
+
+class FederatedMetrics(BaseModel):
+    """The candidate and the base model scored by the clients: reports pooled after trimming."""
+
+    model_config = ConfigDict(extra="forbid")
+    reports: int = Field(description="accepted client evaluations")
+    used: list[str] = Field(default_factory=list, description="clients whose scores were pooled")
+    trimmed: list[str] = Field(default_factory=list, description="clients dropped as the most extreme")
+    rejected: list[UpdateVerdict] = Field(default_factory=list)
+    quorum: int = Field(default=1, description="reports the gate needed")
+    examples: int = 0
+    candidate: ModelMetrics | None = None
+    current: ModelMetrics | None = None
+
+
+class EvaluationReport(Document):
+    """``rounds/<round>/evaluation.json``: what the gate saw. ``validation``: the server's validation
+    split (gates); ``test``: the candidate on the server's test split (reported only, never
+    selected on); ``federated``: the clients' pooled scores (gates)."""
+
+    kind: ClassVar[str] = "evaluation-report"
+    round_id: Identifier
+    validation: SplitMetrics | None = None
+    test: ModelMetrics | None = None
+    federated: FederatedMetrics | None = None
 
 
 class RoundReport(Document):
@@ -332,6 +481,9 @@ ALL_DOCUMENTS: tuple[type[Document], ...] = (
     UpdateManifest,
     RoundClosing,
     AggregationReport,
+    EvaluationTask,
+    ClientEvaluation,
+    EvaluationClosing,
     EvaluationReport,
     RoundReport,
 )

@@ -21,7 +21,8 @@
     │   ├── NormTooLarge              L2 norm above the round's hard limit
     │   ├── ChecksumMismatch          payload bytes differ from the manifest's sha256
     │   ├── StaleUpdate               made against another base model than the round's
-    │   └── LateUpdate                committed after the round's deadline
+    │   ├── LateUpdate                committed after the round's deadline
+    │   └── InvalidEvaluation         a client evaluation's scores are inconsistent or out of bounds
     ├── RoundNotOpen                  no open round, or the round closed / passed its deadline
     └── WaitTimeout                   no round opened within the time a caller was willing to wait
 
@@ -136,3 +137,7 @@ class StaleUpdate(UpdateRejected):
 class LateUpdate(UpdateRejected):
     code = "late"
     committed_at: datetime | None = None  # the store's commit time that made it late
+
+
+class InvalidEvaluation(UpdateRejected):
+    code = "invalid_evaluation"

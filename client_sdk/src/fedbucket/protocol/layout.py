@@ -11,11 +11,15 @@ Object names are relative to the federation root (``gs://bucket/prefix`` or ``fi
     rounds/<round>/candidate/manifest.json            server: candidate manifest with lineage
     rounds/<round>/closing.json                       server: the updates the round closed with
     rounds/<round>/aggregation.json                   server: accepted/rejected updates, timings
+    rounds/<round>/evaluation-task.json               everyone reads: the candidate, for clients to score
+    rounds/<round>/evaluation-closing.json            server: the client evaluations the gate uses
     rounds/<round>/evaluation.json                    server: candidate vs current metrics
     rounds/<round>/report.json                        server: the round's outcome
     updates/<client>/<round>/<sha256>.safetensors     one client: the update payload
     updates/<client>/<round>/manifest.json            one client: the commit marker
-    eval/holdout.safetensors                          server: held-out evaluation split
+    updates/<client>/<round>/evaluation.json          one client: its scores of candidate and base
+    eval/validation.safetensors                       server (optional): validation split, gates promotion
+    eval/test.safetensors                             server (optional): test split, reported only
     state/<round>/strategy.safetensors                server: server-optimiser state after a round
 
 The client id comes before the round id in update paths so that one IAM condition
@@ -55,7 +59,8 @@ class BucketLayout:
 
     current_model: str = "models/current.json"
     current_round: str = "rounds/current.json"
-    holdout: str = "eval/holdout.safetensors"
+    validation_split: str = "eval/validation.safetensors"
+    test_split: str = "eval/test.safetensors"
 
     def model_payload(self, version: str) -> str:
         return f"models/{check_identifier(version, 'model version')}/model.safetensors"
@@ -81,6 +86,12 @@ class BucketLayout:
     def aggregation_report(self, round_id: str) -> str:
         return self.round_prefix(round_id) + "aggregation.json"
 
+    def evaluation_task(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "evaluation-task.json"
+
+    def evaluation_closing(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "evaluation-closing.json"
+
     def evaluation_report(self, round_id: str) -> str:
         return self.round_prefix(round_id) + "evaluation.json"
 
@@ -97,16 +108,23 @@ class BucketLayout:
         return self.client_prefix(client_id) + f"{check_identifier(round_id, 'round id')}/"
 
     def update_manifest(self, client_id: str, round_id: str) -> str:
-        return self.update_prefix(client_id, round_id) + "manifest.json"
+        return self.update_prefix(client_id, round_id) + UPDATE_MANIFEST
 
     def update_payload(self, client_id: str, round_id: str, sha256: str) -> str:
         if not _SHA256_PATTERN.fullmatch(sha256):
             raise InvalidIdentifier(f"payload sha256 {sha256!r} is not 64 lowercase hex digits")
         return self.update_prefix(client_id, round_id) + f"{sha256}.safetensors"
 
+    def client_evaluation(self, client_id: str, round_id: str) -> str:
+        return self.update_prefix(client_id, round_id) + CLIENT_EVALUATION
+
     def update_manifest_glob(self, round_id: str) -> str:
         """A ``match_glob`` pattern for every client's manifest of one round (and nothing else)."""
-        return f"updates/*/{check_identifier(round_id, 'round id')}/manifest.json"
+        return f"updates/*/{check_identifier(round_id, 'round id')}/{UPDATE_MANIFEST}"
+
+    def client_evaluation_glob(self, round_id: str) -> str:
+        """A ``match_glob`` pattern for every client's evaluation of one round."""
+        return f"updates/*/{check_identifier(round_id, 'round id')}/{CLIENT_EVALUATION}"
 
     def parse_update_manifest(self, name: str) -> tuple[str, str]:
         """Return ``(client_id, round_id)`` of an update manifest's object name.
@@ -114,10 +132,22 @@ class BucketLayout:
         Raises :class:`InvalidIdentifier` for anything that is not exactly
         ``updates/<client>/<round>/manifest.json`` with safe ids.
         """
-        parts = name.split("/")
-        if len(parts) != 4 or parts[0] != "updates" or parts[3] != "manifest.json":
-            raise InvalidIdentifier(f"{name!r} is not an update manifest path")
-        return check_identifier(parts[1], "client id"), check_identifier(parts[2], "round id")
+        return _parse_client_object(name, UPDATE_MANIFEST)
+
+    def parse_client_evaluation(self, name: str) -> tuple[str, str]:
+        """Return ``(client_id, round_id)`` of ``updates/<client>/<round>/evaluation.json``."""
+        return _parse_client_object(name, CLIENT_EVALUATION)
+
+
+UPDATE_MANIFEST = "manifest.json"
+CLIENT_EVALUATION = "evaluation.json"
+
+
+def _parse_client_object(name: str, filename: str) -> tuple[str, str]:
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "updates" or parts[3] != filename:
+        raise InvalidIdentifier(f"{name!r} is not an updates/<client>/<round>/{filename} path")
+    return check_identifier(parts[1], "client id"), check_identifier(parts[2], "round id")
 
 
 LAYOUT = BucketLayout()

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
 from fedbucket.protocol.documents import (
     FLOAT_DTYPES,
+    ClientEvaluation,
     ClosedUpdate,
+    EvaluationTask,
     RoundTask,
     TensorSchema,
     UpdateManifest,
@@ -29,6 +32,7 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.errors import (
     ChecksumMismatch,
+    InvalidEvaluation,
     InvalidIdentifier,
     InvalidManifest,
     LateUpdate,
@@ -50,6 +54,8 @@ from fedbucket.protocol.tensors import Header, header_length, parse_header, read
 
 #: An update manifest is a few hundred bytes; anything above this is refused unread.
 MAX_MANIFEST_BYTES = 64 * 1024
+#: A client evaluation holds six per-class count lists: 256 KiB fits 1,000 classes.
+MAX_CLIENT_EVALUATION_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -196,24 +202,84 @@ def read_update_manifest(
     store: ObjectStore, manifest_name: str, *, layout: BucketLayout = LAYOUT
 ) -> tuple[UpdateManifest, datetime]:
     """Parse an update manifest and check its ids against its path; returns it and its commit time."""
-    client_id, round_id = layout.parse_update_manifest(manifest_name)
+    return _read_client_document(store, manifest_name, UpdateManifest, layout.parse_update_manifest, MAX_MANIFEST_BYTES)
+
+
+def read_client_evaluation(
+    store: ObjectStore, name: str, *, layout: BucketLayout = LAYOUT
+) -> tuple[ClientEvaluation, datetime]:
+    """Parse a client evaluation and check its ids against its path; returns it and its commit time."""
+    return _read_client_document(
+        store, name, ClientEvaluation, layout.parse_client_evaluation, MAX_CLIENT_EVALUATION_BYTES
+    )
+
+
+ClientDocumentT = TypeVar("ClientDocumentT", UpdateManifest, ClientEvaluation)
+
+
+def _read_client_document(
+    store: ObjectStore,
+    name: str,
+    cls: type[ClientDocumentT],
+    parse_name: Callable[[str], tuple[str, str]],
+    max_bytes: int,
+) -> tuple[ClientDocumentT, datetime]:
+    client_id, round_id = parse_name(name)
     try:
-        raw, generation = store.get_bytes(manifest_name, max_bytes=MAX_MANIFEST_BYTES)
+        raw, generation = store.get_bytes(name, max_bytes=max_bytes)
     except ObjectTooLarge:
-        raise InvalidManifest(f"manifest is larger than the {MAX_MANIFEST_BYTES} bytes allowed") from None
-    info = store.stat(manifest_name)
+        raise InvalidManifest(f"{cls.kind} is larger than the {max_bytes} bytes allowed") from None
+    info = store.stat(name)
     if info.generation != generation:  # replaced between read and stat: the commit time must be of what we read
-        raise InvalidManifest("manifest kept changing while being read; the client is rewriting it")
+        raise InvalidManifest(f"{cls.kind} kept changing while being read; the client is rewriting it")
     try:
-        manifest = parse_document(UpdateManifest, raw, source=manifest_name)
+        document = parse_document(cls, raw, source=name)
     except SchemaError as exc:
         raise InvalidManifest(str(exc)) from None
-    if manifest.client_id != client_id or manifest.round_id != round_id:
+    if document.client_id != client_id or document.round_id != round_id:
         raise InvalidIdentifier(
-            f"manifest names client {manifest.client_id!r} round {manifest.round_id!r} "
+            f"{cls.kind} names client {document.client_id!r} round {document.round_id!r} "
             f"but is stored under client {client_id!r} round {round_id!r}"
         )
-    return manifest, info.updated
+    return document, info.updated
+
+
+def check_client_evaluation(task: EvaluationTask, report: ClientEvaluation, committed_at: datetime) -> None:
+    """Every check on one client's evaluation of a round's candidate (all in the document: no I/O).
+
+    It must score this round's candidate (by sha256) against this round's base, be committed by
+    the evaluation deadline, and hold consistent counts: ``num_classes`` entries per list, the same
+    examples for both models, every example counted once as a true positive or a false negative
+    (and once as a true or a false positive), at most ``max_examples_per_report`` examples.
+    """
+    if report.round_id != task.round_id:
+        raise InvalidIdentifier(f"evaluation is for round {report.round_id!r}, not {task.round_id!r}")
+    if report.candidate_sha256 != task.candidate_sha256 or report.base_model_version != task.base_model_version:
+        raise StaleUpdate(
+            f"evaluation scores candidate {report.candidate_sha256[:12]} on base {report.base_model_version!r}; "
+            f"round {task.round_id} published candidate {task.candidate_sha256[:12]} "
+            f"on base {task.base_model_version!r}"
+        )
+    if committed_at > task.deadline:
+        raise late_error(task, committed_at)
+    examples = report.candidate.examples
+    if examples == 0 or report.current.examples != examples:
+        raise InvalidEvaluation("both models must be scored on the same, non-empty set of examples")
+    if task.max_examples_per_report is not None and examples > task.max_examples_per_report:
+        raise InvalidEvaluation(f"{examples} examples; this round accepts at most {task.max_examples_per_report}")
+    for label, score in (("candidate", report.candidate), ("current", report.current)):
+        lists = (score.true_positive, score.false_positive, score.false_negative)
+        if any(len(counts) != task.num_classes for counts in lists):
+            raise InvalidEvaluation(f"{label}: per-class counts must have {task.num_classes} entries")
+        tp = sum(score.true_positive)
+        if tp + sum(score.false_negative) != examples or tp + sum(score.false_positive) != examples:
+            raise InvalidEvaluation(f"{label}: per-class counts do not add up to {examples} examples")
+        if score.loss_sum > examples * MAX_MEAN_LOSS:
+            raise InvalidEvaluation(f"{label}: mean loss above {MAX_MEAN_LOSS:g} is not a cross-entropy we accept")
+
+
+#: A bound on a reported mean cross-entropy (a uniform guess over 1000 classes is ~6.9).
+MAX_MEAN_LOSS = 1000.0
 
 
 def check_base(task: RoundTask, manifest: UpdateManifest) -> None:
@@ -320,7 +386,7 @@ def validate_closed(
     )
 
 
-def late_error(task: RoundTask, committed_at: datetime) -> LateUpdate:
+def late_error(task: RoundTask | EvaluationTask, committed_at: datetime) -> LateUpdate:
     late_by = (committed_at - task.deadline).total_seconds()
     error = LateUpdate(f"committed {late_by:.1f}s after the deadline {task.deadline.isoformat()}")
     error.committed_at = committed_at  # the verdict records when, not only that
@@ -346,10 +412,21 @@ def list_update_manifests(store: ObjectStore, round_id: str, *, layout: BucketLa
     with past rounds. Names whose client id is unsafe are never read; they are counted in
     ``ignored`` so the round report can show that something tried.
     """
+    return _list_round(store, round_id, layout.update_manifest_glob(round_id), layout.parse_update_manifest)
+
+
+def list_client_evaluations(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> RoundListing:
+    """Every client evaluation committed for ``round_id`` (as :func:`list_update_manifests`)."""
+    return _list_round(store, round_id, layout.client_evaluation_glob(round_id), layout.parse_client_evaluation)
+
+
+def _list_round(
+    store: ObjectStore, round_id: str, glob: str, parse_name: Callable[[str], tuple[str, str]]
+) -> RoundListing:
     found, ignored = [], 0
-    for info in store.list(match_glob=layout.update_manifest_glob(round_id)):
+    for info in store.list(match_glob=glob):
         try:
-            _, rid = layout.parse_update_manifest(info.name)
+            _, rid = parse_name(info.name)
         except InvalidIdentifier:
             ignored += 1
             continue

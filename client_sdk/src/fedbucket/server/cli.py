@@ -1,33 +1,45 @@
-"""The server command of the ``fedbucket`` CLI: ``init`` (create a federation in a bucket)."""
+"""The server commands of the ``fedbucket`` CLI: ``init`` (create a federation in a bucket)."""
 
 from __future__ import annotations
 
 import argparse
 
-from fedbucket.protocol.errors import ConfigError
 from fedbucket.protocol.storage import open_store
 from fedbucket.protocol.tensors import load_tensors
-from fedbucket.server.config import FederationConfig
+from fedbucket.server.config import FederationConfig, check_task
 from fedbucket.server.initialise import init_federation
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Initialise a federation: initial model, hold-out split, empty round state (idempotent)."""
+    """Initialise a federation: initial model, the server's splits (if any), empty round state."""
+    from fedbucket.torch.task import examples_from, load_task
+
     config = FederationConfig.load(args.config)
     bucket = args.bucket or config.bucket
-    if args.holdout:
-        holdout = load_tensors(args.holdout)
-        if set(holdout) != {"x", "y"}:
-            raise ConfigError(f"--holdout {args.holdout} must hold exactly two tensors, x and y")
-    else:
-        from fedbucket.sim.datasets import digits_holdout  # the demo's default; needs scikit-learn
-
-        holdout = digits_holdout(config.seed, config.holdout_fraction)
+    check_task(config)  # before anything is read or written: a task that cannot import is one line
+    task = load_task(config.model.task)
+    validation = examples_from(load_tensors(args.validation)) if args.validation else None
+    test = examples_from(load_tensors(args.test)) if args.test else None
+    source = "given files"
+    if validation is None and test is None and not args.no_splits and config.gate.source != "federated":
+        if task.example_data is None:
+            source = "none"
+        else:  # the task's own example data (the demo's digits): validation and test halves of a hold-out share
+            _, held_out = task.example_data(config.seed).split(config.holdout_fraction, seed=config.seed)
+            test, validation = held_out.split(0.5, seed=config.seed)
+            source = f"task {task.name!r} example data"
     store = open_store(bucket, create=True, retry_timeout=args.timeout)
-    manifest, created = init_federation(store, config, holdout=holdout)
+    manifest, created = init_federation(store, config, validation=validation, test=test)
     if created:
-        print(f"initialised {bucket}: model {manifest.version} ({config.model.name}, {manifest.size_bytes} bytes)")
-        print("wrote the hold-out split; no round is open yet")
+        print(
+            f"initialised {bucket}: model {manifest.version} "
+            f"({task.name}/{config.model.name}, {manifest.size_bytes} bytes)"
+        )
+        splits = [
+            f"{label} {len(split)} examples" for label, split in (("validation", validation), ("test", test)) if split
+        ]
+        held = f"server splits from {source}: {', '.join(splits)}" if splits else "the server holds no evaluation data"
+        print(f"{held}; the gate uses {config.gate.source} figures; no round is open yet")
     else:
         print(f"{bucket} is already initialised (current model {manifest.version}); nothing changed")
     return 0

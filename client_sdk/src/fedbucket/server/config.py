@@ -32,30 +32,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RoundSettings(_Section):
-    """When a round stops waiting for updates."""
+class WaitSettings(_Section):
+    """When a wait for clients ends: for updates (``[round]``) or for evaluations (``[evaluation]``)."""
 
     deadline_seconds: float = Field(default=600.0, gt=0, description="how long clients have to submit")
     min_clients: int = Field(default=2, ge=1, description="quorum: stop waiting (after the grace period) once reached")
     max_clients: int | None = Field(default=None, ge=1, description="stop waiting at once when this many arrived")
-    grace_seconds: float = Field(default=0.0, ge=0, description="after the quorum, wait this long for more updates")
+    grace_seconds: float = Field(default=0.0, ge=0, description="after the quorum, wait this long for more")
     min_clients_at_deadline: int | None = Field(
-        default=None, ge=1, description="at the deadline, aggregate if this many arrived (default: min_clients)"
+        default=None, ge=1, description="at the deadline, go on if this many arrived (default: min_clients)"
     )
     settle_seconds: float = Field(
         default=5.0, ge=0, description="at the deadline, wait this long before closing so in-flight uploads are seen"
     )
-    max_update_norm: float | None = Field(default=None, gt=0, description="reject updates with a larger L2 norm")
-    max_examples_per_update: int | None = Field(
-        default=None,
-        ge=1,
-        description="cap on the example count one update may claim (larger claims are clamped to it and the "
-        "report says so); None trusts clients' counts, so one client could take nearly all the FedAvg weight",
-    )
     poll_seconds: float = Field(default=5.0, gt=0, description="how often the wait step looks at the bucket")
 
     @model_validator(mode="after")
-    def _consistent(self) -> RoundSettings:
+    def _consistent(self) -> WaitSettings:
         if self.max_clients is not None and self.max_clients < self.min_clients:
             raise ValueError("max_clients must be at least min_clients")
         return self
@@ -63,6 +56,37 @@ class RoundSettings(_Section):
     @property
     def quorum_at_deadline(self) -> int:
         return self.min_clients_at_deadline or self.min_clients
+
+
+class RoundSettings(WaitSettings):
+    """When a round stops waiting for updates, and the bounds on an update."""
+
+    max_update_norm: float | None = Field(default=None, gt=0, description="reject updates with a larger L2 norm")
+    max_examples_per_update: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap on the example count one update may claim (larger claims are clamped to it and the "
+        "report says so); None trusts clients' counts, so one client could take nearly all the FedAvg weight",
+    )
+
+
+class EvaluationSettings(WaitSettings):
+    """Federated evaluation: clients score the candidate on their own validation data
+    (docs/aggregation.md, "Federated evaluation"). Used when ``gate.source`` is ``federated`` or
+    ``both``: the candidate is published for scoring and a second wait collects the scores."""
+
+    deadline_seconds: float = Field(default=300.0, gt=0, description="how long clients have to score the candidate")
+    min_clients: int = Field(default=3, ge=1, description="reports the gate needs (fewer: the candidate is rejected)")
+    trim_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        description="drop this share (rounded up, keeping at least one) of the reports with the highest and of "
+        "those with the lowest candidate-minus-current difference on the gate metric before pooling",
+    )
+    max_examples_per_report: int | None = Field(
+        default=100_000, ge=1, description="a report claiming more examples is rejected (bounds its weight)"
+    )
 
 
 class AggregationSettings(_Section):
@@ -95,6 +119,11 @@ class GateSettings(_Section):
     """When a candidate may replace the current model."""
 
     metric: Literal["accuracy", "macro_f1", "loss"] = Field(default="accuracy", description="metric the gate compares")
+    source: Literal["holdout", "federated", "both"] = Field(
+        default="holdout",
+        description="where the gate's figures come from: the server's validation split, the clients' federated "
+        "evaluation, or both (the candidate must pass each)",
+    )
     tolerance: float = Field(
         default=0.0, ge=0, description="how much worse than the current model the candidate may be on the gate metric"
     )
@@ -109,8 +138,15 @@ class FederationConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationSettings = AggregationSettings()
     gate: GateSettings = GateSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     dataproc: DataprocSettings | None = None
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="share of the task's example data `fedbucket init` keeps as validation "
+        "and test splits (half each) when no split files are given",
+    )
     retries: int = Field(default=2, ge=0, description="Airflow retries of each round step")
     retry_delay_seconds: float = Field(default=30.0, ge=0)
 
@@ -167,6 +203,7 @@ class RunSettings(_Section):
     training: TrainingConfig
     aggregation: AggregationSettings
     gate: GateSettings
+    evaluation: EvaluationSettings
     aggregation_quorum: int = Field(
         ge=1, description="valid updates aggregation needs: the quorum that still closes a round at its deadline"
     )
@@ -192,6 +229,7 @@ class RunSettings(_Section):
             "training": config.training.model_dump(),
             "aggregation": config.aggregation.model_dump(),
             "gate": config.gate.model_dump(),
+            "evaluation": config.evaluation.model_dump(),
         }
         for key, value in overrides.items():
             if key in RUN_PARAMETERS and value is not None:
@@ -213,3 +251,20 @@ class RunSettings(_Section):
 
         build_strategy(settings.aggregation.strategy, settings.aggregation.options)
         return settings
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Whether this round's gate asks clients to score the candidate."""
+        return self.gate.source in ("federated", "both")
+
+
+def check_task(config: FederationConfig, training: TrainingConfig | None = None) -> None:
+    """Import the federation's task and check the model and ``training.extra`` against it
+    (:class:`ConfigError` says what is wrong and where the task must be importable). Imports
+    torch: called by ``init`` and the publish step, never at DAG parse time."""
+    from fedbucket.torch.task import load_task
+
+    task = load_task(config.model.task)
+    if config.model.name not in task.models:
+        raise ConfigError(f"task {task.name!r} has no model {config.model.name!r}; it has {sorted(task.models)}")
+    task.check_training(training or config.training)

@@ -1,51 +1,73 @@
 """``fedbucket init``: create a federation in an empty bucket (or prefix).
 
-Writes the initial model (version ``init``, built from the config's model spec and seed), the
-held-out evaluation split and the model pointer, in that order: the pointer is the commit, so an
-interrupted init is finished by running it again.
+Everything that can fail without writing is checked first — the config, the task package (it
+must import), the model (it must build), the splits against the task, and that the gate has the
+figures it needs — and only then is anything written: the validation and test splits (if the
+server holds any), the initial model (version ``init``, built from the config's model spec and
+seed), and the model pointer last. The pointer is the commit, so an interrupted init is finished
+by running it again.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fedbucket.protocol.documents import ModelManifest, ModelPointer, read_document, read_optional
+from fedbucket.protocol.errors import ConfigError
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.protocol.tensors import save_tensors
-from fedbucket.server.config import FederationConfig
+from fedbucket.server.config import FederationConfig, check_task
 from fedbucket.server.rounds import publish_model, set_current_model
+
+if TYPE_CHECKING:  # the torch layer is imported when init runs, not when this module loads
+    from fedbucket.torch.task import Examples
 
 
 def init_federation(
     store: ObjectStore,
     config: FederationConfig,
     *,
-    holdout: Mapping[str, np.ndarray],
+    validation: Examples | None = None,
+    test: Examples | None = None,
     layout: BucketLayout = LAYOUT,
 ) -> tuple[ModelManifest, bool]:
-    """Initialise a federation: the initial model, the held-out evaluation split, the model pointer.
+    """Initialise a federation: the server's splits (optional), the initial model, the pointer.
 
-    ``holdout`` is a state dict with ``x`` (features) and ``y`` (int64 labels), e.g.
-    :func:`fedbucket.sim.datasets.digits_holdout` for the demo. Idempotent: returns
+    ``validation`` gates promotion when ``gate.source`` is ``holdout`` or ``both`` (then it is
+    required); ``test`` is only ever reported. A federation gated on federated evaluation needs
+    neither: the server then holds no personal data at all. Idempotent: returns
     ``(manifest, False)`` when the federation is already initialised.
     """
     existing, _ = read_optional(store, layout.current_model, ModelPointer)
     if existing is not None:
         manifest, _ = read_document(store, layout.model_manifest(existing.version), ModelManifest)
         return manifest, False
+    from fedbucket.torch.task import load_task
     from fedbucket.torch.training import state_dict_to_numpy
-    from fedbucket.torch.zoo import build_model
 
+    check_task(config)
+    task = load_task(config.model.task)
+    if config.gate.source in ("holdout", "both") and validation is None:
+        raise ConfigError(
+            f'gate.source = "{config.gate.source}" compares models on the server\'s validation split, but none was '
+            'given; give one, or gate on the clients\' scores with gate.source = "federated"'
+        )
+    model = task.build_model(config.model, seed=config.seed)
+    for label, split in (("validation", validation), ("test", test)):
+        if split is not None and len(split):  # scoring a few rows finds a split the task cannot read, unwritten
+            task.score(model, split.subset(slice(0, 8)))
+        elif split is not None:
+            raise ConfigError(f"the {label} split is empty")
+    tensors = state_dict_to_numpy(model)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "holdout.safetensors"
-        save_tensors(holdout, path)
-        store.upload_file(layout.holdout, path)
-    model = build_model(config.model, seed=config.seed)
-    manifest = publish_model(store, state_dict_to_numpy(model), version="init", model=config.model, layout=layout)
+        for name, split in ((layout.validation_split, validation), (layout.test_split, test)):
+            if split is not None:
+                path = Path(tmp) / Path(name).name
+                save_tensors(split.as_tensors(), path)
+                store.upload_file(name, path)
+    manifest = publish_model(store, tensors, version="init", model=config.model, layout=layout)
     set_current_model(store, manifest, expected_generation=0)
     return manifest, True

@@ -13,7 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedbucket.protocol.documents import EvaluationReport, ModelManifest, read_document, read_optional, write_document
+from fedbucket.protocol.documents import (
+    EvaluationReport,
+    ModelManifest,
+    ModelMetrics,
+    read_document,
+    read_optional,
+    write_document,
+)
 from fedbucket.protocol.errors import PreconditionFailed
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.storage import ObjectStore
@@ -31,15 +38,47 @@ class GateDecision:
 
 
 def gate_decision(evaluation: EvaluationReport, gate: GateSettings) -> GateDecision:
-    """Whether the candidate may replace the round's base model, and why (deterministic text)."""
-    candidate, current = evaluation.candidate, evaluation.current
+    """Whether the candidate may replace the round's base model, and why (deterministic text).
+
+    ``gate.source`` names the figures it compares: the server's validation split (``holdout``),
+    the clients' pooled scores (``federated``) or both, each of which must pass. A source the
+    gate needs but the evaluation lacks (no validation split, fewer client reports than the
+    quorum) fails the gate: no figure, no promotion.
+    """
+    checks: list[tuple[bool, str]] = []
+    if gate.source in ("holdout", "both"):
+        if evaluation.validation is None:
+            checks.append((False, "no validation split on the server (gate.source needs one)"))
+        else:
+            checks.append(_compare("validation", evaluation.validation.candidate, evaluation.validation.current, gate))
+    if gate.source in ("federated", "both"):
+        federated = evaluation.federated
+        if federated is None or federated.candidate is None or federated.current is None:
+            checks.append((False, "no federated evaluation (the candidate was not scored by clients)"))
+        elif len(federated.used) + len(federated.trimmed) < federated.quorum:
+            checks.append(
+                (False, f"federated evaluation below quorum: {federated.reports} report(s), need {federated.quorum}")
+            )
+        else:
+            checks.append(_compare("federated", federated.candidate, federated.current, gate))
+    return GateDecision(all(passed for passed, _ in checks), "; ".join(message for _, message in checks))
+
+
+def gate_figures(evaluation: EvaluationReport, gate: GateSettings) -> ModelMetrics | None:
+    """The candidate's figures from the gate's first source (what an Asset event quotes)."""
+    if gate.source != "federated" and evaluation.validation is not None:
+        return evaluation.validation.candidate
+    return evaluation.federated.candidate if evaluation.federated is not None else None
+
+
+def _compare(source: str, candidate: ModelMetrics, current: ModelMetrics, gate: GateSettings) -> tuple[bool, str]:
     if not candidate.finite or not all(math.isfinite(getattr(candidate, m)) for m in ("accuracy", "macro_f1")):
-        return GateDecision(False, "candidate metrics are not finite")
+        return False, f"{source}: candidate metrics are not finite"
     new, old = getattr(candidate, gate.metric), getattr(current, gate.metric)
     passed = new <= old + gate.tolerance if gate.metric == "loss" else new >= old - gate.tolerance
     relation = "within" if passed else "outside"
-    return GateDecision(
-        passed, f"candidate {gate.metric} {new:.4f} vs current {old:.4f}: {relation} the tolerance {gate.tolerance:g}"
+    return passed, (
+        f"{source}: candidate {gate.metric} {new:.4f} vs current {old:.4f}: {relation} the tolerance {gate.tolerance:g}"
     )
 
 

@@ -58,8 +58,8 @@ def build_round_report(
     else:
         updates = []
     metrics = {}
-    if evaluation is not None:
-        metrics = {"candidate": evaluation.candidate.model_dump(), "current": evaluation.current.model_dump()}
+    if evaluation is not None:  # every source the evaluation had, gating or not (test is reported only)
+        metrics = evaluation.model_dump(mode="json", exclude={"schema_version", "round_id"}, exclude_none=True)
 
     decision = gate_decision(evaluation, gate) if evaluation is not None else None
     if candidate is not None and decision is not None and was_promoted(store, candidate, layout=layout):
@@ -111,11 +111,21 @@ def summary_lines(report: RoundReport) -> list[str]:
     lines += [f"  REJECT {u.client_id:16s} {u.code}: {u.reason}" for u in rejected]
     if report.ignored_objects:
         lines.append(f"  IGNORED {report.ignored_objects} object(s) under updates/ with unsafe path ids")
-    if report.metrics:
-        for label in ("current", "candidate"):
-            m = report.metrics[label]
-            lines.append(
-                f"  {label:9s} {m['version']}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                f"loss {m['loss']:.4f}"
-            )
+    validation, federated, test = (report.metrics.get(k) for k in ("validation", "federated", "test"))
+    for source, figures in (("validation", validation), ("federated", federated)):
+        if figures and figures.get("candidate"):
+            for label in ("current", "candidate"):
+                lines.append(f"  {source:10s} {label:9s} {_figures(figures[label])}")
+    if federated:
+        lines.append(
+            f"  federated: {federated['reports']} report(s), {len(federated['used'])} pooled "
+            f"({federated['examples']} examples), trimmed {', '.join(federated['trimmed']) or 'none'}"
+        )
+        lines += [f"  REJECT EVALUATION {u['client_id']:16s} {u['code']}: {u['reason']}" for u in federated["rejected"]]
+    if test:
+        lines.append(f"  test (reported only) candidate {_figures(test)}")
     return lines
+
+
+def _figures(m: dict) -> str:
+    return f"{m['version']}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}"

@@ -1,5 +1,8 @@
 """The round lifecycle on the bucket: publish models, open a round, decide when its wait ends,
-freeze and close it.
+freeze and close it; publish its candidate for federated evaluation, wait for the scores, freeze them.
+
+The round pointer moves ``open`` (clients train) -> ``closed`` -> ``evaluating`` (clients score
+the candidate; only when the gate uses federated evaluation) -> ``closed``.
 
 These are write paths only the server (the Airflow DAG, the Spark jobs, ``fedbucket init``)
 takes. Each is a transaction on the bucket: payload objects first, documents after them, pointers
@@ -15,11 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    ClosedEvaluation,
     ClosedUpdate,
+    EvaluationClosing,
+    EvaluationTask,
     ModelManifest,
     ModelPointer,
     ModelSpec,
@@ -45,12 +52,15 @@ from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.protocol.tensors import read_header_file, save_tensors
 from fedbucket.protocol.validation import (
+    check_client_evaluation,
+    list_client_evaluations,
     list_update_manifests,
     precheck_update,
+    read_client_evaluation,
     read_update_manifest,
     rejection_verdict,
 )
-from fedbucket.server.config import RoundSettings
+from fedbucket.server.config import EvaluationSettings, WaitSettings
 
 #: Default hard limit on an update's size: the model's own size plus header slack, times 1.
 UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
@@ -154,6 +164,7 @@ def open_round(
     max_clients: int | None = None,
     max_update_norm: float | None = None,
     max_examples_per_update: int | None = None,
+    federated_evaluation: bool = False,
     layout: BucketLayout = LAYOUT,
 ) -> RoundTask:
     """Write ``rounds/<round>/task.json`` based on the current model and point ``rounds/current.json``
@@ -180,6 +191,7 @@ def open_round(
             max_clients=max_clients,
             max_update_norm=max_update_norm,
             max_examples_per_update=max_examples_per_update,
+            federated_evaluation=federated_evaluation,
         )
         try:
             write_document(store, layout.round_task(round_id), task, if_generation_match=0)
@@ -209,22 +221,44 @@ def _point_round_forward(store: ObjectStore, task: RoundTask, *, layout: BucketL
 
 def close_round(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> None:
     """Mark ``round_id`` closed in ``rounds/current.json`` if it is still the current round."""
+    _move_round_pointer(store, round_id, "closed", layout=layout)
+
+
+def _move_round_pointer(
+    store: ObjectStore, round_id: str, status: str, *, from_status: str | None = None, layout: BucketLayout
+) -> None:
+    """Set the pointer's status if it still names ``round_id`` (and is in ``from_status``)."""
     pointer, generation = read_optional(store, layout.current_round, RoundPointer)
-    if pointer is None or pointer.round_id != round_id or pointer.status == "closed":
+    if pointer is None or pointer.round_id != round_id or pointer.status == status:
+        return
+    if from_status is not None and pointer.status != from_status:
         return
     write_document(
-        store, layout.current_round, RoundPointer(round_id=round_id, status="closed"), if_generation_match=generation
+        store, layout.current_round, RoundPointer(round_id=round_id, status=status), if_generation_match=generation
     )
 
 
-@dataclass
-class RoundSurvey:
-    """A round's updates as they stand: on time and passing the cheap checks (they count toward
-    the quorum), rejected (late, or failing those checks), and unattributable object names."""
+ClosedT = TypeVar("ClosedT", ClosedUpdate, ClosedEvaluation)
 
-    on_time: list[ClosedUpdate] = field(default_factory=list)
+
+@dataclass
+class Survey(Generic[ClosedT]):
+    """What clients have sent for one wait, as it stands: on time and passing the checks that
+    can run before the close (they count toward the quorum), rejected, and unattributable names."""
+
+    on_time: list[ClosedT] = field(default_factory=list)
     rejected: list[UpdateVerdict] = field(default_factory=list)
     ignored: int = 0
+
+    def quorum_reached_at(self, quorum: int) -> datetime | None:
+        """When the ``quorum``-th on-time item was committed (store clock), if it was."""
+        times = sorted(u.committed_at for u in self.on_time)
+        return times[quorum - 1] if len(times) >= quorum else None
+
+
+@dataclass
+class RoundSurvey(Survey[ClosedUpdate]):
+    """A round's updates as they stand (cheap checks only: payload data is validated by aggregation)."""
 
     def closing(self, round_id: str, *, reason: str, closed_at: datetime) -> RoundClosing:
         """This survey frozen as a round's closing document."""
@@ -236,11 +270,6 @@ class RoundSurvey:
             late=self.rejected,
             ignored_objects=self.ignored,
         )
-
-    def quorum_reached_at(self, quorum: int) -> datetime | None:
-        """When the ``quorum``-th on-time update was committed (store clock), if it was."""
-        times = sorted(u.committed_at for u in self.on_time)
-        return times[quorum - 1] if len(times) >= quorum else None
 
 
 PrecheckCache = dict[tuple[str, int], ClosedUpdate]
@@ -279,8 +308,8 @@ def survey_round(
     return survey
 
 
-def wait_decision(survey: RoundSurvey, *, now: datetime, deadline: datetime, settings: RoundSettings) -> str | None:
-    """Why the wait for updates ends now, or ``None`` to keep waiting.
+def wait_decision(survey: Survey, *, now: datetime, deadline: datetime, settings: WaitSettings) -> str | None:
+    """Why the wait for updates (or evaluations) ends now, or ``None`` to keep waiting.
 
     ``max_clients``: that many on-time updates passed the cheap checks. ``quorum``: ``min_clients``
     did, and the grace period since the commit of the ``min_clients``-th has passed (derived from
@@ -323,4 +352,113 @@ def freeze_round(
             existing = closing
         except PreconditionFailed:
             existing, _ = read_document(store, layout.round_closing(task.round_id), RoundClosing)
+    return existing
+
+
+# ---------------------------------------------------------------------------------------------
+# Federated evaluation: the candidate goes to the clients, their scores come back
+
+
+def request_evaluation(
+    store: ObjectStore,
+    round_id: str,
+    settings: EvaluationSettings,
+    *,
+    num_classes: int,
+    opened_at: datetime,
+    layout: BucketLayout = LAYOUT,
+) -> EvaluationTask:
+    """Publish round ``round_id``'s candidate for clients to score, and point them at it.
+
+    Writes ``rounds/<round>/evaluation-task.json`` once (a re-run returns the first one, so its
+    deadline does not move), then sets the round pointer to ``evaluating`` if it still names this
+    round. Clients read the candidate from ``rounds/<round>/candidate/``; it is not a model
+    anyone trains from until it is promoted.
+    """
+    task, _ = read_optional(store, layout.evaluation_task(round_id), EvaluationTask)
+    if task is None:
+        candidate, _ = read_document(store, layout.candidate_manifest(round_id), ModelManifest)
+        if candidate.base_version is None:
+            raise ConfigError(f"candidate of round {round_id} names no base model")
+        base, _ = read_document(store, layout.model_manifest(candidate.base_version), ModelManifest)
+        task = EvaluationTask(
+            round_id=round_id,
+            candidate_sha256=candidate.sha256,
+            base_model_version=base.version,
+            base_model_sha256=base.sha256,
+            model=candidate.model,
+            num_classes=num_classes,
+            opened_at=opened_at,
+            deadline=opened_at + timedelta(seconds=settings.deadline_seconds),
+            max_examples_per_report=settings.max_examples_per_report,
+            min_reports=settings.quorum_at_deadline,
+            trim_fraction=settings.trim_fraction,
+        )
+        try:
+            write_document(store, layout.evaluation_task(round_id), task, if_generation_match=0)
+        except PreconditionFailed:
+            task, _ = read_document(store, layout.evaluation_task(round_id), EvaluationTask)
+    if not store.exists(layout.evaluation_closing(round_id)):
+        _move_round_pointer(store, round_id, "evaluating", from_status="closed", layout=layout)
+    return task
+
+
+@dataclass
+class EvaluationSurvey(Survey[ClosedEvaluation]):
+    """A round's client evaluations as they stand (every check runs here: they are small)."""
+
+    def closing(self, round_id: str, *, reason: str, closed_at: datetime) -> EvaluationClosing:
+        return EvaluationClosing(
+            round_id=round_id, closed_at=closed_at, reason=reason, reports=self.on_time, rejected=self.rejected
+        )
+
+
+EvaluationCache = dict[tuple[str, int], ClosedEvaluation]
+
+
+def survey_evaluations(
+    store: ObjectStore, task: EvaluationTask, *, cache: EvaluationCache | None = None, layout: BucketLayout = LAYOUT
+) -> EvaluationSurvey:
+    """Read and check every client evaluation of the round (listed by round)."""
+    listing = list_client_evaluations(store, task.round_id, layout=layout)
+    survey = EvaluationSurvey(ignored=listing.ignored)
+    for info in listing.manifests:
+        cached = cache.get((info.name, info.generation)) if cache is not None else None
+        if cached is not None:
+            survey.on_time.append(cached)
+            continue
+        client_id, _ = layout.parse_client_evaluation(info.name)
+        try:
+            report, committed_at = read_client_evaluation(store, info.name, layout=layout)
+            check_client_evaluation(task, report, committed_at)
+        except UpdateRejected as exc:
+            survey.rejected.append(rejection_verdict(client_id, exc, getattr(exc, "committed_at", None)))
+            continue
+        except ObjectNotFound:
+            continue
+        except StorageError as exc:
+            survey.rejected.append(rejection_verdict(client_id, InvalidManifest(f"unreadable: {exc}")))
+            continue
+        closed = ClosedEvaluation(report=report, committed_at=committed_at)
+        survey.on_time.append(closed)
+        if cache is not None:
+            cache[(info.name, info.generation)] = closed
+    return survey
+
+
+def freeze_evaluations(
+    store: ObjectStore, task: EvaluationTask, *, reason: str, closed_at: datetime, layout: BucketLayout = LAYOUT
+) -> EvaluationClosing:
+    """Close the pointer, then write ``rounds/<round>/evaluation-closing.json`` once (as
+    :func:`freeze_round`): the scores the gate uses, frozen inline."""
+    close_round(store, task.round_id, layout=layout)
+    existing, _ = read_optional(store, layout.evaluation_closing(task.round_id), EvaluationClosing)
+    if existing is None:
+        survey = survey_evaluations(store, task, layout=layout)
+        closing = survey.closing(task.round_id, reason=reason, closed_at=closed_at)
+        try:
+            write_document(store, layout.evaluation_closing(task.round_id), closing, if_generation_match=0)
+            existing = closing
+        except PreconditionFailed:
+            existing, _ = read_document(store, layout.evaluation_closing(task.round_id), EvaluationClosing)
     return existing

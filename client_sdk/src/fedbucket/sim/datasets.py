@@ -1,9 +1,8 @@
-"""The data of the simulated federation: scikit-learn's 8x8 digits (shipped with the package, no
-download), a fixed train/hold-out split, and IID or Dirichlet(alpha) non-IID client partitions."""
+"""How the simulated federation deals examples out: IID or Dirichlet(alpha) non-IID client
+partitions of any task's labels (the digits themselves live in :mod:`fedbucket.torch.digits`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -11,30 +10,6 @@ import numpy as np
 from fedbucket.protocol.errors import ConfigError
 
 Partition = Literal["iid", "dirichlet"]
-
-
-@dataclass(frozen=True)
-class Split:
-    x: np.ndarray  # float32, (n, 64), pixel values scaled to [0, 1]
-    y: np.ndarray  # int64, (n,)
-
-
-def digits(*, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
-    """``(train, holdout)``: a stratified split of the 1,797 digits, the same for a given seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int64)
-    x_tr, x_ho, y_tr, y_ho = train_test_split(x, y, test_size=holdout_fraction, random_state=seed, stratify=y)
-    return Split(x_tr, y_tr), Split(x_ho, y_ho)
-
-
-def digits_holdout(seed: int = 0, holdout_fraction: float = 0.2) -> dict[str, np.ndarray]:
-    """The digits hold-out split as the ``{"x", "y"}`` state dict ``fedbucket init`` publishes."""
-    _, split = digits(holdout_fraction=holdout_fraction, seed=seed)
-    return {"x": split.x, "y": split.y}
 
 
 def partition(

@@ -1,14 +1,18 @@
-"""A simulated federation: N client processes that really train on digits and submit updates.
+"""A simulated federation: N client processes that really train and submit updates.
 
-Each client is a separate OS process with its own :class:`~fedbucket.Client`, its own partition of
-the digits training set and a role:
+The task is any task package (``--task``; default the built-in digits task) and the data its
+``example_data`` makes or a file its ``load_data`` reads (``--data``), dealt out IID or
+Dirichlet non-IID. Each client is a separate OS process with its own :class:`~fedbucket.Client`,
+its own partition (of which ``validation_fraction`` is kept back as local validation data) and a role:
 
-- ``honest``: waits for a round, trains (PyTorch, the round's hyper-parameters), submits;
+- ``honest``: waits for a round, trains with the task's recipe, submits; when the round's
+  candidate is published for federated evaluation, scores it on its validation data and submits;
 - ``dropout``: fetches the round's model, then never answers (a silent client);
 - ``straggler``: trains, then submits only after the deadline (the server must call it late);
 - ``hostile``: sends a malformed or poisoned update, a different attack each round (wrong shapes,
   NaN, huge values, a pickle renamed to .safetensors, a truncated file), bypassing the SDK's own
-  checks the way a real attacker would.
+  checks the way a real attacker would; and in federated evaluation, absurd scores (a perfect
+  candidate over an example count past the bound, or within it: then it must be trimmed).
 
 Roles are assigned deterministically from the end of the client list: the last ``hostile``
 clients, then ``stragglers``, then ``round(dropout * clients)`` dropouts; the rest are honest.
@@ -26,18 +30,31 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from fedbucket.protocol.documents import RoundTask, UpdateManifest, utcnow
+from fedbucket.protocol.documents import (
+    ClientEvaluation,
+    EvaluationTask,
+    ModelScore,
+    RoundReport,
+    RoundTask,
+    UpdateManifest,
+    read_optional,
+    utcnow,
+)
 from fedbucket.protocol.errors import ConfigError, WaitTimeout
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.tensors import NUMPY_DTYPES, tensors_to_bytes
-from fedbucket.sim.datasets import Partition, digits, partition
+from fedbucket.sim.datasets import Partition, partition
+
+if TYPE_CHECKING:
+    from fedbucket.torch.task import Examples
 
 Role = Literal["honest", "dropout", "straggler", "hostile"]
 ATTACKS = ("wrong_shape", "nan", "huge_values", "pickle", "truncated")
+EVALUATION_ATTACKS = ("perfect_within_bound", "too_many_examples")
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,9 @@ class SimulationConfig:
     round_timeout: float = 600.0
     cache_dir: str | None = None
     client_prefix: str = "client"
+    task: str | None = None  # package.module:attribute; None = the built-in digits task
+    data: str | None = None  # what the task's load_data reads; None = its example_data(seed)
+    validation_fraction: float = 0.2  # of each client's partition, kept for federated evaluation
 
     def client_ids(self) -> list[str]:
         return [f"{self.client_prefix}-{i:02d}" for i in range(self.clients)]
@@ -144,6 +164,58 @@ def _write_raw_update(store, task: RoundTask, client_id: str, payload: bytes, nu
     store.put_bytes(LAYOUT.update_manifest(client_id, task.round_id), manifest.to_json_bytes())
 
 
+def simulation_data(config: SimulationConfig) -> Examples:
+    """The examples the simulated clients share out: the task's file or its example data."""
+    from fedbucket.torch.task import load_task
+
+    task = load_task(config.task)
+    if config.data is not None:
+        return task.load_data(config.data)
+    if task.example_data is None:
+        raise ConfigError(f"task {task.name!r} makes no example data: give --data for its load_data")
+    return task.example_data(config.seed)
+
+
+def _forged_evaluation(attack: str, client_id: str, evaluation: EvaluationTask) -> ClientEvaluation:
+    """A well-formed evaluation claiming a perfect candidate and a useless base model."""
+    n = (evaluation.max_examples_per_report or 10_000) + (1 if attack == "too_many_examples" else 0)
+    classes = evaluation.num_classes
+    perfect = [n // classes + (1 if c < n % classes else 0) for c in range(classes)]
+    zeros = [0] * classes
+    return ClientEvaluation(
+        client_id=client_id,
+        round_id=evaluation.round_id,
+        candidate_sha256=evaluation.candidate_sha256,
+        base_model_version=evaluation.base_model_version,
+        candidate=ModelScore(
+            examples=n, loss_sum=0.0, true_positive=perfect, false_positive=zeros, false_negative=zeros
+        ),
+        current=ModelScore(
+            examples=n,
+            loss_sum=float(n * 50),
+            true_positive=zeros,
+            false_positive=perfect[1:] + perfect[:1],
+            false_negative=perfect,
+        ),
+        created_at=utcnow(),
+    )
+
+
+def _wait_for_evaluation(client, task: RoundTask, config: SimulationConfig) -> EvaluationTask | None:  # noqa: ANN001
+    """The evaluation task of ``task``'s round once published; ``None`` if the round ended without one."""
+    give_up = time.monotonic() + config.round_timeout
+    while time.monotonic() < give_up:
+        evaluation = client.current_evaluation()
+        if evaluation is not None and evaluation.round_id == task.round_id:
+            return evaluation
+        report, _ = read_optional(client.store, LAYOUT.round_report(task.round_id), RoundReport)
+        current = client.current_round()
+        if report is not None or (current is not None and current.round_id != task.round_id):
+            return None
+        time.sleep(config.poll_interval)
+    return None
+
+
 def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np.ndarray, results: mp.Queue) -> None:
     """One simulated client process: take part in ``config.rounds`` rounds, report each."""
 
@@ -151,16 +223,20 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
 
     from fedbucket.client import Client, compute_delta, upload_update
     from fedbucket.protocol.tensors import save_tensors
-    from fedbucket.torch.training import load_global_weights, train_local
-    from fedbucket.torch.zoo import build_model
+    from fedbucket.torch.participate import Participant
+    from fedbucket.torch.task import load_task
+    from fedbucket.torch.training import load_global_weights
 
     torch.set_num_threads(1)
-    train, _ = digits(seed=config.seed)
-    x, y = train.x[indices], train.y[indices]
+    task_package = load_task(config.task)
     client_number = config.client_ids().index(client_id)
+    train, validation = simulation_data(config).subset(indices).split(config.validation_fraction, seed=client_number)
     rng = np.random.default_rng([config.seed, client_number])
     last_round: str | None = None
     with Client(config.bucket_url, client_id, cache_dir=config.cache_dir) as client:
+        participant = Participant(
+            client, task_package, config.task, train, validation, seed=client_number, echo=lambda line: None
+        )
         results.put(ClientReady(client_id))  # torch imported, data loaded: waiting for rounds from here
         for round_index in range(config.rounds):
             try:
@@ -175,28 +251,40 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
             try:
                 if role == "hostile":
                     attack = ATTACKS[(round_index + client_number) % len(ATTACKS)]
-                    _write_raw_update(client.store, task, client_id, _hostile_payload(attack, task, rng), len(y))
+                    _write_raw_update(client.store, task, client_id, _hostile_payload(attack, task, rng), len(train))
                     result.outcome = f"hostile:{attack}"
-                else:
-                    model = build_model(task.model)
+                    if task.federated_evaluation and (evaluation := _wait_for_evaluation(client, task, config)):
+                        forged = EVALUATION_ATTACKS[(round_index + client_number) % len(EVALUATION_ATTACKS)]
+                        report = _forged_evaluation(forged, client_id, evaluation)
+                        client.store.put_bytes(
+                            LAYOUT.client_evaluation(client_id, task.round_id), report.to_json_bytes()
+                        )
+                        result.detail = f"forged evaluation: {forged}"
+                elif role == "dropout":
+                    load_global_weights(task_package.build_model(task.model), client.fetch_model(task))
+                    result.outcome = "dropped"
+                elif role == "straggler":
+                    model = task_package.build_model(task.model)
                     load_global_weights(model, client.fetch_model(task))
-                    if role == "dropout":
-                        result.outcome = "dropped"
-                    else:
-                        metrics = train_local(model, x, y, task.training, seed=int(rng.integers(2**31)))
-                        result.num_examples, result.loss, result.accuracy = len(y), metrics["loss"], metrics["accuracy"]
-                        if role == "straggler":
-                            time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 1.0)
-                            base = client.fetch_model(task, as_numpy=True)
-                            with tempfile.TemporaryDirectory() as tmp:
-                                path = Path(tmp) / "late.safetensors"
-                                save_tensors(compute_delta(model.state_dict(), base), path)
-                                upload_update(
-                                    client.store, task, client_id, path, num_examples=len(y), check_deadline=False
-                                )
-                            result.outcome = "late"
-                        else:
-                            client.submit(task, model.state_dict(), num_examples=len(y), metrics=metrics)
+                    metrics = task_package.fit(model, train, task.training, seed=int(rng.integers(2**31)))
+                    result.num_examples, result.loss, result.accuracy = len(train), metrics["loss"], metrics["accuracy"]
+                    time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 1.0)
+                    base = client.fetch_model(task, as_numpy=True)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        path = Path(tmp) / "late.safetensors"
+                        save_tensors(compute_delta(model.state_dict(), base), path)
+                        upload_update(
+                            client.store, task, client_id, path, num_examples=len(train), check_deadline=False
+                        )
+                    result.outcome = "late"
+                else:
+                    if participant.train_round(task) != "trained":
+                        raise RuntimeError(f"training round {task.round_id} failed")
+                    metrics = participant.last_metrics
+                    result.num_examples, result.loss, result.accuracy = len(train), metrics["loss"], metrics["accuracy"]
+                    evaluation = _wait_for_evaluation(client, task, config) if task.federated_evaluation else None
+                    if evaluation is not None and participant.evaluate_round(evaluation) == "evaluated":
+                        result.detail = f"scored the candidate on {len(validation)} examples"
             except Exception as exc:  # report and carry on: one client's failure is not the federation's
                 result.outcome, result.detail = "error", f"{type(exc).__name__}: {exc}"
             results.put(result)
@@ -216,8 +304,8 @@ def simulate(
     rounds is never counted as an error, however long its process takes to exit; one that has not
     exited ``exit_timeout`` seconds after the last result is stopped.
     """
-    train, _ = digits(seed=config.seed)
-    parts = partition(train.y, config.clients, scheme=config.partition, alpha=config.alpha, seed=config.seed)
+    data = simulation_data(config)
+    parts = partition(data.y, config.clients, scheme=config.partition, alpha=config.alpha, seed=config.seed)
     roles = config.roles()
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
@@ -226,7 +314,8 @@ def simulate(
         for i, cid in enumerate(config.client_ids())
     ]
     echo(
-        f"simulate: {config.clients} clients ({dict(Counter(roles.values()))}), {config.partition} partition"
+        f"simulate: task {config.task or 'digits (built-in)'}, {len(data)} examples, "
+        f"{config.clients} clients ({dict(Counter(roles.values()))}), {config.partition} partition"
         f"{f' alpha={config.alpha}' if config.partition == 'dirichlet' else ''}, {config.rounds} round(s), "
         f"bucket {config.bucket_url}"
     )
@@ -271,4 +360,12 @@ def simulate(
     return summary
 
 
-__all__ = ["ATTACKS", "ClientReady", "ClientRoundResult", "SimulationConfig", "SimulationSummary", "simulate"]
+__all__ = [
+    "ATTACKS",
+    "EVALUATION_ATTACKS",
+    "ClientReady",
+    "ClientRoundResult",
+    "SimulationConfig",
+    "SimulationSummary",
+    "simulate",
+]

@@ -7,14 +7,17 @@ non-IID data drift less from the global model; ``mu = 0`` is plain FedAvg local 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedbucket.protocol.documents import TrainingConfig
+
+if TYPE_CHECKING:
+    from fedbucket.torch.task import Examples
 
 
 def load_global_weights(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
@@ -40,11 +43,22 @@ class ProximalTerm:
 
 
 def train_local(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, training: TrainingConfig, *, seed: int = 0
+    model: nn.Module,
+    examples: Examples,
+    training: TrainingConfig,
+    *,
+    seed: int = 0,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place with SGD for ``training.local_epochs``; returns loss and accuracy."""
+    """The default training recipe: SGD with momentum 0.9 for ``training.local_epochs`` (plus the
+    FedProx term); trains ``model`` in place and returns its loss and accuracy on ``examples``.
+
+    A task with its own recipe (another optimiser, its ``training.extra`` options) passes its own
+    function with this signature as ``Task.train``.
+    """
+    forward = forward or (lambda m, x: m(x))
     generator = torch.Generator().manual_seed(seed)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    xs, ys = torch.from_numpy(examples.x), torch.from_numpy(examples.y)
     optimiser = torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=0.9)
     proximal = ProximalTerm(model, training.proximal_mu)
     loss_fn = nn.CrossEntropyLoss()
@@ -54,18 +68,20 @@ def train_local(
         for start in range(0, len(xs), training.batch_size):
             batch = order[start : start + training.batch_size]
             optimiser.zero_grad()
-            loss = loss_fn(model(xs[batch]), ys[batch]) + proximal()
+            loss = loss_fn(forward(model, xs[batch]), ys[batch]) + proximal()
             loss.backward()
             optimiser.step()
-    return evaluate(model, x, y)
+    return evaluate(model, examples, forward=forward)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+def evaluate(
+    model: nn.Module, examples: Examples, *, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``examples``."""
     model.eval()
-    logits = model(torch.from_numpy(x))
-    labels = torch.from_numpy(y)
+    logits = (forward or (lambda m, x: m(x)))(model, torch.from_numpy(examples.x))
+    labels = torch.from_numpy(examples.y)
     loss = nn.functional.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
     return {"loss": float(loss), "accuracy": float(accuracy)}

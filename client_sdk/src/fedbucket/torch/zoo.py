@@ -1,17 +1,12 @@
-"""A tiny model zoo for 8x8 digits, referenced by name in a federation's config.
-
-``build_model(ModelSpec(name="mlp", kwargs={"hidden": 64}))``; a name of the form
-``package.module:callable`` builds a model of your own (the callable gets the kwargs).
-"""
+"""A tiny model zoo for 8x8 digits: the models of the built-in digits task
+(:mod:`fedbucket.torch.digits`), referenced by name in a federation's config
+(``model = { name = "mlp", kwargs = { hidden = 64 } }``). A model of your own comes in a task
+package (:mod:`fedbucket.torch.task`)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from fedbucket.protocol.documents import ModelSpec
-from fedbucket.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -47,19 +42,3 @@ def cnn(channels: int = 16, num_classes: int = 10) -> torch.nn.Module:
 
 
 ZOO: dict[str, Callable[..., Any]] = {"mlp": mlp, "cnn": cnn}
-
-
-def build_model(spec: ModelSpec, *, seed: int | None = None) -> torch.nn.Module:
-    """Instantiate ``spec`` (weights initialised from ``seed`` when given)."""
-    import torch
-
-    if spec.name in ZOO:
-        factory = ZOO[spec.name]
-    elif ":" in spec.name:
-        module_name, _, attr = spec.name.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-    else:
-        raise ConfigError(f"unknown model {spec.name!r}: use one of {sorted(ZOO)} or 'package.module:callable'")
-    if seed is not None:
-        torch.manual_seed(seed)
-    return factory(**spec.kwargs)

@@ -1,0 +1,173 @@
+"""The long-running client: what a client organisation runs (``fedbucket participate``).
+
+Round after round, until stopped: wait for an open round -> fetch its base model -> train with
+the task's recipe on the local training data -> submit the delta; and when the server publishes a
+round's candidate for federated evaluation, score the candidate and the base model on the local
+validation data and submit the scores. One look at ``rounds/current.json`` per poll decides what
+to do, so a client that starts late, restarts or misses a phase simply picks up the next one.
+
+The client runs the task *it* was given and refuses any round whose model names another task
+(the bucket never makes a client import code). Every refusal or failure is a line, never a crash:
+one bad round does not stop the client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedbucket.client.sdk import Client
+from fedbucket.protocol.documents import EvaluationTask, ModelSpec, RoundReport, RoundTask, read_optional, utcnow
+from fedbucket.protocol.errors import FedbucketError, WaitTimeout
+from fedbucket.protocol.tensors import load_tensors
+from fedbucket.torch.task import Examples, Task
+from fedbucket.torch.training import load_global_weights
+
+
+@dataclass
+class ParticipationLog:
+    """What this client did: rounds trained, candidates evaluated, rounds refused."""
+
+    trained: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Participant:
+    """One client organisation's loop over rounds (see module doc).
+
+    Args:
+        client: the client's handle on the federation.
+        task: the task package this client runs; ``task_reference`` is its ``module:attribute``.
+        train: the local training examples; ``validation``: local validation examples for
+            federated evaluation (``None``: this client does not evaluate).
+        seed: seeds local training's shuffling (not a secret).
+    """
+
+    client: Client
+    task: Task
+    task_reference: str | None
+    train: Examples
+    validation: Examples | None = None
+    seed: int = 0
+    poll_interval: float = 5.0
+    echo: Callable[[str], None] = print
+    progress: Callable[[str], None] | None = None
+    log: ParticipationLog = field(default_factory=ParticipationLog)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    _handled: set[tuple[str, str]] = field(default_factory=set)
+    _tasks: dict[str, RoundTask] = field(default_factory=dict)
+
+    def _ours(self, model: ModelSpec, round_id: str) -> bool:
+        if model.task == self.task_reference or (model.task is None and self.task_reference is None):
+            return True
+        if ("refuse", round_id) not in self._handled:
+            self._handled.add(("refuse", round_id))
+            self.log.refused.append(round_id)
+            self.echo(
+                f"round {round_id}: refused — it trains task {model.task or 'digits (built-in)'!r}, "
+                f"this client runs {self.task_reference or 'digits (built-in)'!r}"
+            )
+        return False
+
+    def step(self) -> str | None:
+        """Look at the bucket once and do what it asks (train, or evaluate); returns what was done."""
+        task = self.client.current_round()
+        if task is not None and ("train", task.round_id) not in self._handled and self._ours(task.model, task.round_id):
+            self._handled.add(("train", task.round_id))
+            self._tasks[task.round_id] = task
+            return self.train_round(task)
+        evaluation = self.client.current_evaluation() if self.validation is not None else None
+        if (
+            evaluation is not None
+            and ("evaluate", evaluation.round_id) not in self._handled
+            and self._ours(evaluation.model, evaluation.round_id)
+        ):
+            self._handled.add(("evaluate", evaluation.round_id))
+            return self.evaluate_round(evaluation)
+        return None
+
+    def train_round(self, task: RoundTask) -> str:
+        """Fetch, train, submit for one round; returns ``trained`` or ``failed`` (a line says why)."""
+        started = time.monotonic()
+        try:
+            model = self.task.build_model(task.model)
+            load_global_weights(model, self.client.fetch_model(task))
+            seed = int(np.random.default_rng([self.seed, len(self.log.trained)]).integers(2**31))
+            metrics = self.task.fit(model, self.train, task.training, seed=seed)
+            self.client.submit(task, model.state_dict(), num_examples=len(self.train), metrics=metrics)
+        except FedbucketError as exc:
+            self.log.failed.append(task.round_id)
+            self.echo(f"round {task.round_id}: not submitted — {exc}")
+            return "failed"
+        self.log.trained.append(task.round_id)
+        self.last_metrics = metrics
+        figures = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+        self.echo(
+            f"round {task.round_id}: trained on {len(self.train)} examples in {time.monotonic() - started:.1f}s "
+            f"({figures}); update submitted"
+        )
+        return "trained"
+
+    def evaluate_round(self, evaluation: EvaluationTask) -> str:
+        """Score candidate and base on the validation data and submit; ``evaluated`` or ``failed``."""
+        assert self.validation is not None
+        try:
+            candidate = self.task.build_model(evaluation.model)
+            load_global_weights(candidate, self.client.fetch_candidate(evaluation))
+            base = self.task.build_model(evaluation.model)
+            base_weights = self.client.fetch_model_file(evaluation.base_model_version)
+            load_global_weights(base, load_tensors(base_weights))
+            ours, theirs = self.task.score(candidate, self.validation), self.task.score(base, self.validation)
+            self.client.submit_evaluation(evaluation, candidate=ours, current=theirs)
+        except FedbucketError as exc:
+            self.log.failed.append(evaluation.round_id)
+            self.echo(f"round {evaluation.round_id}: evaluation not submitted — {exc}")
+            return "failed"
+        self.log.evaluated.append(evaluation.round_id)
+        n = ours.examples
+        self.echo(
+            f"round {evaluation.round_id}: scored the candidate on {n} validation examples: accuracy "
+            f"{sum(ours.true_positive) / n:.4f} (base {sum(theirs.true_positive) / n:.4f}); scores submitted"
+        )
+        return "evaluated"
+
+    def finished(self, round_id: str) -> bool:
+        """Whether round ``round_id`` needs nothing more from this client: it evaluated it, the
+        round asks no evaluation (or this client has no validation data), or the round is over
+        (its report exists, or a newer round opened)."""
+        if ("evaluate", round_id) in self._handled:
+            return True
+        task = self._tasks.get(round_id)
+        if task is not None and (not task.federated_evaluation or self.validation is None):
+            return True
+        report, _ = read_optional(self.client.store, self.client.layout.round_report(round_id), RoundReport)
+        current = self.client.current_round()
+        return report is not None or (current is not None and current.round_id != round_id)
+
+    def run(
+        self, *, rounds: int | None = None, timeout: float | None = None, stop: threading.Event | None = None
+    ) -> ParticipationLog:
+        """Loop until ``rounds`` rounds were trained and finished, ``stop`` is set, or no round
+        came for ``timeout`` seconds (:class:`WaitTimeout`)."""
+        stop = stop or threading.Event()
+        idle_since = time.monotonic()
+        while not stop.is_set():
+            done = self.step()
+            if done is not None:
+                idle_since = time.monotonic()
+            if rounds is not None and len(self.log.trained) >= rounds and self.finished(self.log.trained[-1]):
+                break
+            waited = time.monotonic() - idle_since
+            if timeout is not None and waited > timeout:
+                raise WaitTimeout(f"nothing to do for {timeout:.0f}s")
+            if self.progress is not None and done is None:
+                self.progress(f"waiting for a round ({waited:.0f}s, {utcnow():%H:%M:%S} UTC)")
+            stop.wait(self.poll_interval)
+        return self.log
