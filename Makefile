@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fedbucket-installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: help setup java-check spark35-env tools-env test lint format demo airflow results package deploy bench lock clean
+.PHONY: rounds help setup java-check spark35-env tools-env test lint format demo airflow results package deploy bench lock clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,12 +23,13 @@ java-check:  ## check that Java 17+ is on PATH (Spark needs it)
 
 setup: java-check $(STAMP)  ## create .venv and install everything (idempotent)
 
-$(STAMP): requirements.txt constraints.txt client_sdk/pyproject.toml
+$(STAMP): requirements.txt constraints.txt client_sdk/pyproject.toml examples/text_classification/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: fedbucket needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -e client_sdk
+	$(PY) -m pip install --quiet --no-deps -e examples/text_classification  # the example task package
 	@touch $@
 	@echo "fedbucket: environment ready in $(VENV)"
 
@@ -71,6 +72,10 @@ test: lint spark35-env tools-env  ## lint, then the whole test suite (pytest's "
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
+ROUNDS ?= 1
+rounds: setup  ## run ROUNDS real DAG rounds locally with dag.test() for FEDBUCKET_CONFIG (start clients yourself)
+	PYTHONPATH=$(abspath plugins) $(PY) -m fedbucket_airflow.local --config $(FEDBUCKET_CONFIG) --rounds $(ROUNDS) --home $(abspath airflow-rounds)
+
 demo: setup  ## a real local federation: 10 simulated clients, 5 rounds of the DAG with Spark (see README)
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
@@ -94,12 +99,21 @@ results: setup  ## 20 rounds of the DAG with 10 honest non-IID clients vs centra
 VERSION = $(shell $(PY) -c "import fedbucket; print(fedbucket.__version__)")+g$(shell git rev-parse --short HEAD)
 ARTIFACTS_DIR = dist/artifacts/$(VERSION)
 
-package: setup  ## build the code Dataproc runs into dist/artifacts/<version>/ (spark_jobs + wheelhouse)
+# Task packages the cluster must import (the federation's model.task): each directory is built into the
+# wheelhouse and installed on every node by the init action. Override: make package TASK_PACKAGES="path/a path/b".
+TASK_PACKAGES ?= examples/text_classification
+
+package: setup  ## build the code Dataproc runs into dist/artifacts/<version>/ (spark_jobs + wheelhouse + task packages)
 	rm -rf $(ARTIFACTS_DIR) && mkdir -p $(ARTIFACTS_DIR)/spark_jobs $(ARTIFACTS_DIR)/wheels
 	cp spark_jobs/*.py $(ARTIFACTS_DIR)/spark_jobs/
 	$(PY) -m pip wheel --quiet --no-deps -w $(ARTIFACTS_DIR)/wheels ./client_sdk
 	grep -v '^fedbucket' spark_jobs/requirements-cluster.txt > $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt
 	echo "fedbucket==$$($(PY) -c 'import fedbucket; print(fedbucket.__version__)')" >> $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt
+	for task in $(TASK_PACKAGES); do \
+	  $(PY) -m pip wheel --quiet --no-deps -w $(ARTIFACTS_DIR)/wheels ./$$task && \
+	  $(PY) -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1] + "/pyproject.toml", "rb"))["project"]; print(p["name"] + "==" + p["version"])' $$task \
+	    >> $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt || exit 1; \
+	done
 	$(PY) -m pip download --quiet --only-binary=:all: -d $(ARTIFACTS_DIR)/wheels -c constraints.txt \
 	  -r $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt --find-links $(ARTIFACTS_DIR)/wheels
 	@echo "packaged fedbucket $(VERSION) in $(ARTIFACTS_DIR); upload it with: make deploy ARTIFACTS_BUCKET=gs://<bucket>-artifacts"

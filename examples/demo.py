@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+from fedbucket_airflow.local import local_airflow_env, migrate, run_round  # noqa: E402 - after the path
 
 
 def write_config(path: Path, bucket: str, args: argparse.Namespace) -> None:
@@ -64,18 +65,6 @@ def write_config(path: Path, bucket: str, args: argparse.Namespace) -> None:
     )
 
 
-ROUND_SCRIPT = """
-import sys
-from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1])
-if bag.import_errors:
-    sys.exit(f"DAG import errors: {bag.import_errors}")
-run = bag.get_dag("fedbucket_round").test(run_conf={"round_id": sys.argv[2]})
-print("DAG RUN STATE", run.state)
-sys.exit(0 if str(run.state) == "success" else 1)
-"""
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds to run")
@@ -96,19 +85,7 @@ def main() -> int:
     config_path = out / "federation.toml"
     write_config(config_path, bucket, args)
     bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "FEDBUCKET_CONFIG": str(config_path),
-        "AIRFLOW_HOME": str(out / "airflow-home"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{out / 'airflow-home' / 'airflow.db'}",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")]),
-        "PYSPARK_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "FEDBUCKET_CACHE": str(out / "client-cache"),
-    }
+    env = {**local_airflow_env(config_path, out / "airflow-home"), "FEDBUCKET_CACHE": str(out / "client-cache")}
     started = time.monotonic()
     print(f"fedbucket demo: {args.rounds} round(s), {args.clients} clients, federation at {bucket}")
     subprocess.run([str(bin_dir / "fedbucket"), "init", "--config", str(config_path)], check=True, env=env)
@@ -125,19 +102,15 @@ def main() -> int:
     print(f"started {args.clients} simulated clients (pid {clients.pid}); their log: {logs / 'clients.log'}")
     rows: list[dict] = []
     try:
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, env=env, capture_output=True)
+        migrate(env)
         columns = ("round", "status", "accepted", "rejected", "late", "accuracy", "macro-F1")
         header = "{:9s} {:9s} {:>8s} {:30s} {:>4s} {:>8s} {:>8s}  promoted".format(*columns)
         print(header)
         print("-" * len(header))
         for number in range(1, args.rounds + 1):
             round_id = f"demo-{number:02d}"
-            with open(logs / f"airflow-{round_id}.log", "w") as log:
-                run = subprocess.run(
-                    [sys.executable, "-c", ROUND_SCRIPT, str(REPO / "dags"), round_id],
-                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            row = round_row(out / "bucket", round_id, run.returncode)
+            returncode = run_round(env, round_id, logs / f"airflow-{round_id}.log")
+            row = round_row(out / "bucket", round_id, returncode)
             rows.append(row)
             promoted = "yes" if row["promoted"] else "no"
             print(

@@ -33,8 +33,8 @@ from fedbucket.protocol.documents import ModelSpec, utcnow
 from fedbucket.protocol.tensors import save_tensors
 from fedbucket.server.rounds import close_round, open_round, publish_model, set_current_model
 from fedbucket.torch.digits import digits
-from fedbucket.torch.training import load_global_weights, state_dict_to_numpy, train_local
 from fedbucket.torch.task import build_model
+from fedbucket.torch.training import load_global_weights, state_dict_to_numpy, train_local
 
 
 def trained_from(base: dict[str, np.ndarray], seed: int = 5) -> dict[str, np.ndarray]:

@@ -23,10 +23,10 @@ from fedbucket.protocol.documents import ModelManifest, RoundClosing, RoundRepor
 from fedbucket.server.config import FederationConfig
 from fedbucket.server.initialise import init_federation
 from fedbucket.server.rounds import current_model
+from fedbucket.sim.simulation import _forged_evaluation, _hostile_payload, _write_raw_update
 from fedbucket.torch.digits import digits
-from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
-from fedbucket.torch.training import load_global_weights, train_local
 from fedbucket.torch.task import build_model
+from fedbucket.torch.training import load_global_weights, train_local
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.airflow, pytest.mark.spark]
@@ -49,6 +49,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
     spark_submit = round_settings.pop("spark_submit", None)
     gate_tolerance = round_settings.pop("gate_tolerance", 1.0)
     gate_metric = round_settings.pop("gate_metric", "accuracy")
+    gate_source = round_settings.pop("gate_source", "holdout")
     lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
     lines += ["retry_delay_seconds = 0", "", "[round]"]
     lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
@@ -61,6 +62,16 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
         "[gate]",
         f"tolerance = {gate_tolerance}",
         f'metric = "{gate_metric}"',
+        f'source = "{gate_source}"',
+        "",
+        "[evaluation]",
+        "deadline_seconds = 120",
+        "min_clients = 3",
+        "max_clients = 4",
+        "settle_seconds = 3",
+        "poll_seconds = 0.5",
+        "trim_fraction = 0.25",
+        "max_examples_per_report = 1000",
     ]
     lines += ["", "[aggregation]", 'spark_master = "local[2]"']
     if spark_submit:
@@ -100,11 +111,12 @@ class Clients:
 
     def __init__(self, store_url: str, cache: Path, behaviours: dict[str, str]) -> None:
         from fedbucket.sim.datasets import partition
-from fedbucket.torch.digits import digits
 
         self.store_url, self.cache, self.behaviours = store_url, cache, behaviours
-        self.train, _ = digits()
+        self.train, validation = digits()
         self.parts = partition(self.train.y, len(behaviours), scheme="iid", seed=1)
+        # Each client's own validation data, for federated evaluation (the server holds none of it).
+        self.validation = [validation.subset(p) for p in partition(validation.y, len(behaviours), min_examples=5)]
         self.threads = [
             threading.Thread(target=self._run, args=(cid, i), daemon=True) for i, cid in enumerate(behaviours)
         ]
@@ -151,8 +163,28 @@ from fedbucket.torch.digits import digits
                     upload_update(client.store, task, client_id, path, num_examples=len(idx), check_deadline=False)
                     return
                 client.submit(task, model.state_dict(), num_examples=len(idx))
+                if task.federated_evaluation:
+                    self._evaluate(client, task, behaviour, index)
         except Exception as exc:  # surfaced in __exit__
             self.errors.append(f"{client_id}: {type(exc).__name__}: {exc}")
+
+    def _evaluate(self, client: Client, task, behaviour: str, index: int) -> None:
+        """Wait for the round's candidate to be published for scoring, then score it (or forge)."""
+        evaluation = client.current_evaluation()
+        while evaluation is None or evaluation.round_id != task.round_id:
+            if self.run_over.wait(0.2):
+                self.errors.append(f"{client.client_id}: the run ended before the candidate was published")
+                return
+            evaluation = client.current_evaluation()
+        if behaviour == "forger":  # well-formed, within the bound, absurd: a perfect candidate
+            forged = _forged_evaluation("perfect_within_bound", client.client_id, evaluation)
+            client.store.put_bytes(LAYOUT.client_evaluation(client.client_id, task.round_id), forged.to_json_bytes())
+            return
+        from fedbucket.torch.participate import Participant
+        from fedbucket.torch.task import load_task
+
+        participant = Participant(client, load_task(None), None, self.train, self.validation[index], echo=print)
+        assert participant.evaluate_round(evaluation) == "evaluated", participant.log
 
 
 @pytest.fixture
@@ -371,3 +403,31 @@ def test_a_refused_candidate_shows_as_a_skipped_promote_and_leaves_the_model(fed
     assert report.status == "rejected" and report.message.startswith("gate refused")
     assert current_model(store) == before
     assert asset_events(url) == []
+
+
+@FILE_STORE_ONLY
+def test_a_federation_without_server_data_gates_on_federated_evaluation(store_url, tmp_path, airflow_home):
+    """No validation or test split on the server: clients score the candidate on their own data,
+    a forged perfect score is trimmed, and the gate promotes on the pooled figures."""
+    store = open_store(store_url, create=True)
+    config = FederationConfig(
+        bucket=store_url, model={"name": "mlp", "kwargs": {"hidden": 32}}, gate={"source": "federated"}
+    )
+    init_federation(store, config)  # no splits: the server holds no personal data
+    assert not store.exists(LAYOUT.validation_split) and not store.exists(LAYOUT.test_split)
+    config_path = write_config(tmp_path, store_url, gate_source="federated", gate_tolerance=0.0, max_clients=4)
+    behaviours = {"c0": "honest", "c1": "honest", "c2": "honest", "c3": "forger"}
+    with Clients(store_url, tmp_path / "clients", behaviours):
+        run = run_dag(config_path, run_conf={"round_id": "fed-1"})
+    states = task_states(run)
+    assert str(run.state) == "success", states
+    assert states["request_evaluation"] == states["wait_for_evaluations"] == "success"
+    assert states["promote"] == "success", report_of(store, "fed-1").message
+    report = report_of(store, "fed-1")
+    assert report.status == "promoted" and current_model(store)[0].version == "fed-1"
+    federated = report.metrics["federated"]
+    assert federated["reports"] == 4 and "c3" in federated["trimmed"]  # the forged perfect score
+    assert "validation" not in report.metrics and "test" not in report.metrics
+    assert federated["candidate"]["accuracy"] > federated["current"]["accuracy"]
+    assert federated["candidate"]["accuracy"] < 1.0  # the forger's perfect candidate was not pooled
+    assert "federated:" in report.message

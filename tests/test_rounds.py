@@ -23,8 +23,8 @@ from fedbucket.client import upload_update
 from fedbucket.protocol.documents import (
     ClassMetrics,
     EvaluationReport,
-    SplitMetrics,
     ModelMetrics,
+    SplitMetrics,
     utcnow,
     write_document,
 )

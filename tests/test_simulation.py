@@ -15,10 +15,10 @@ from fedbucket.protocol.documents import ModelSpec, utcnow
 from fedbucket.protocol.validation import list_update_manifests
 from fedbucket.server.rounds import open_round, publish_model, set_current_model
 from fedbucket.sim.datasets import partition
-from fedbucket.torch.digits import digits
 from fedbucket.sim.simulation import SimulationConfig, simulate
-from fedbucket.torch.training import state_dict_to_numpy
+from fedbucket.torch.digits import digits
 from fedbucket.torch.task import build_model
+from fedbucket.torch.training import state_dict_to_numpy
 
 #: Seconds warmed-up clients get to train on ~240 digits and submit (they take well under one).
 DEADLINE_SECONDS = 15

@@ -26,8 +26,8 @@ from fedbucket.protocol.validation import list_update_manifests
 from fedbucket.server.rounds import open_round, publish_model, publish_model_file, set_current_model
 from fedbucket.sim.emulator import FakeGCSServer
 from fedbucket.sim.simulation import SimulationConfig, simulate
-from fedbucket.torch.training import state_dict_to_numpy
 from fedbucket.torch.task import build_model
+from fedbucket.torch.training import state_dict_to_numpy
 from tests.benchmarks.distilbert import NUM_PARAMETERS, random_state
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "client.json"

@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="give up on an unreachable bucket after this long (a line per retry meanwhile); env FEDBUCKET_TIMEOUT",
         )
 
+    def task_arguments(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+        p.add_argument(
+            "--task",
+            default=os.environ.get("FEDBUCKET_TASK"),
+            metavar="MODULE:ATTR",
+            help="your task package (default: the built-in digits task); env FEDBUCKET_TASK",
+        )
+        p.add_argument(
+            "--data",
+            required=data_required,
+            help="what the task's load_data reads (e.g. a CSV)"
+            + ("" if data_required else "; default: the task's example data"),
+        )
+
     def add(name: str, command: str, help_text: str, example: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
@@ -188,13 +202,35 @@ def build_parser() -> argparse.ArgumentParser:
     timeout(p)
 
     p = add(
+        "participate",
+        "fedbucket.torch.participate:cmd_participate",
+        "Take part in rounds until stopped (Ctrl-C): wait, fetch, train with your task, submit; score candidates "
+        "on your validation data when the server asks.",
+        "fedbucket participate --task fedbucket_textclf.task:TASK --data messages.csv --rounds 0",
+    )
+    common(p)
+    task_arguments(p)
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.2,
+        help="share of --data kept back to score candidates (0: never evaluate)",
+    )
+    p.add_argument("--rounds", type=int, default=0, help="stop after training this many rounds (0: run until stopped)")
+    p.add_argument("--poll-interval", type=_positive_seconds, default=5.0, help="seconds between looks at the bucket")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and local shuffling")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line while waiting")
+
+    p = add(
         "simulate",
         "fedbucket.sim.cli:cmd_simulate",
-        "Run N simulated clients (separate processes) that train on digits for real and submit each round.",
+        "Run N simulated clients (separate processes) that train for real and submit each round: the built-in "
+        "digits task, or your own task package on its example data or --data.",
         "fedbucket simulate --bucket file:///tmp/fed --clients 10 --partition dirichlet --alpha 0.5 \\\n"
-        "      --dropout 0.1 --stragglers 1 --hostile 1 --rounds 5",
+        "      --dropout 0.1 --stragglers 1 --hostile 1 --rounds 5 [--task pkg.module:TASK --data file]",
     )
     common(p, client=False)
+    task_arguments(p, data_required=False)
     p.add_argument("--clients", type=int, default=10, help="number of client processes")
     p.add_argument("--rounds", type=int, default=1, help="rounds each client takes part in before exiting")
     p.add_argument(

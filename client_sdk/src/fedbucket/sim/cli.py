@@ -27,6 +27,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         round_timeout=args.round_timeout,
         cache_dir=args.cache_dir,
+        task=args.task,
+        data=args.data,
     )
     summary = simulate(config)  # impossible roles or partitions raise ConfigError (exit 2)
     return 0 if summary.counts().get("error", 0) == 0 else 1

@@ -13,6 +13,8 @@ one bad round does not stop the client.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import numpy as np
 
 from fedbucket.client.sdk import Client
 from fedbucket.protocol.documents import EvaluationTask, ModelSpec, RoundReport, RoundTask, read_optional, utcnow
-from fedbucket.protocol.errors import FedbucketError, WaitTimeout
+from fedbucket.protocol.errors import ConfigError, FedbucketError, WaitTimeout
 from fedbucket.protocol.tensors import load_tensors
 from fedbucket.torch.task import Examples, Task
 from fedbucket.torch.training import load_global_weights
@@ -171,3 +173,51 @@ class Participant:
                 self.progress(f"waiting for a round ({waited:.0f}s, {utcnow():%H:%M:%S} UTC)")
             stop.wait(self.poll_interval)
         return self.log
+
+
+def cmd_participate(args: argparse.Namespace) -> int:
+    """``fedbucket participate``: the loop above, with a progress line and a clean Ctrl-C."""
+    from fedbucket.torch.task import load_task
+
+    if not args.bucket or not args.client_id:
+        raise ConfigError("--bucket and --client-id are required (or FEDBUCKET_BUCKET, FEDBUCKET_CLIENT_ID)")
+    if not 0 <= args.validation_fraction < 1 or args.rounds < 0:
+        raise ConfigError("need 0 <= --validation-fraction < 1 and --rounds >= 0")
+    task = load_task(args.task)
+    examples = task.load_data(args.data)
+    if len(examples) < 2:
+        raise ConfigError(f"{args.data}: {len(examples)} example(s); need at least 2")
+    train, validation = examples, None
+    if args.validation_fraction > 0:
+        train, validation = examples.split(args.validation_fraction, seed=args.seed)
+    interactive = sys.stderr.isatty() and not args.quiet
+
+    def progress(line: str) -> None:
+        if interactive:
+            print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+
+    def echo(line: str) -> None:
+        if interactive:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(line, flush=True)
+
+    with Client(args.bucket, args.client_id, credentials=args.credentials, cache_dir=args.cache_dir,
+                retry_timeout=args.timeout) as client:  # fmt: skip
+        participant = Participant(
+            client, task, args.task, train, validation, seed=args.seed, poll_interval=args.poll_interval,
+            echo=echo, progress=progress,
+        )  # fmt: skip
+        echo(
+            f"{args.client_id}: task {task.name} ({args.task or 'built-in'}), {len(train)} training and "
+            f"{len(validation) if validation else 0} validation examples; waiting for rounds at {client.store.url}"
+        )
+        try:
+            log = participant.run(rounds=args.rounds or None)
+        except KeyboardInterrupt:
+            log = participant.log
+            echo("stopped (Ctrl-C)")
+    echo(
+        f"{args.client_id}: trained {len(log.trained)} round(s), evaluated {len(log.evaluated)}, "
+        f"refused {len(log.refused)}, failed {len(log.failed)}"
+    )
+    return 1 if log.failed else 0
