@@ -1,4 +1,5 @@
-"""Learning quality: ``make results`` writes docs/results.md.
+"""Learning quality on digits: ``make results`` writes docs/results.md (keeping the text example's
+section, which examples/text_results.py writes).
 
 Runs the demo federation with 10 honest clients on Dirichlet(0.5) non-IID digits for 20 rounds of
 the real DAG (FedAvg), then trains the same MLP centrally on the union of the clients' data with
@@ -86,7 +87,9 @@ def main() -> int:
         "Centralised accuracy per epoch: " + ", ".join(f"{a:.3f}" for a in central),
         "",
     ]
-    (DOCS / "results.md").write_text("\n".join(lines))
+    previous = (DOCS / "results.md").read_text() if (DOCS / "results.md").exists() else ""
+    text_section = previous[previous.find("<!-- text-results") :] if "<!-- text-results" in previous else ""
+    (DOCS / "results.md").write_text("\n".join(lines) + ("\n" + text_section if text_section else ""))  # keep it
     print(f"wrote {DOCS / 'results.md'}")
     return 0
 

@@ -160,7 +160,7 @@ class Task:
         model.eval()
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(examples.x[start : start + batch_size]))
+                x = torch.from_numpy(np.array(examples.x[start : start + batch_size]))  # a writable copy
                 y = examples.y[start : start + batch_size]
                 logits = self.forward(model, x)
                 if logits.ndim != 2 or logits.shape[1] != classes:
