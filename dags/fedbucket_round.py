@@ -58,9 +58,17 @@ def run_setting(expression: str) -> str:
     return "{{ ti.xcom_pull(task_ids='publish')" + expression + " }}"
 
 
-def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate_args: list[str]) -> list:
-    """create cluster -> aggregate -> evaluate on an ephemeral Dataproc cluster, deleted as a teardown
-    (a failed job still fails the run, and the cluster is still deleted)."""
+def dataproc_steps(
+    config: FederationConfig, aggregate_args: list[str], evaluate_args: list[str], scoring_steps: list
+) -> list:
+    """create cluster -> aggregate -> [scoring_steps] -> evaluate on ephemeral Dataproc clusters, each
+    deleted as a teardown (a failed job still fails the run, and the cluster is still deleted).
+
+    Without ``scoring_steps`` one cluster runs both jobs. With them (federated evaluation: clients
+    score the candidate for up to ``[evaluation] deadline_seconds``), the aggregation cluster is
+    deleted before the wait and a second one (name suffix ``-e``) runs the evaluation: nothing
+    bills, or hits the cluster's idle TTL, while clients score.
+    """
     from airflow.providers.google.cloud.operators.dataproc import (
         DataprocCreateClusterOperator,
         DataprocDeleteClusterOperator,
@@ -72,40 +80,51 @@ def dataproc_steps(config: FederationConfig, aggregate_args: list[str], evaluate
     dataproc = config.dataproc
     assert dataproc is not None  # the config validates this
     cluster_config = json.loads((Path(CONFIG_PATH).parent / dataproc.cluster_config).read_text())
-    cluster_name = cluster_name_template()
     round_label = run_setting("['round_id'] | lower | replace('.', '-')")
     labels = {"app": "fedbucket", "fedbucket-round": round_label, **dataproc.labels}
     where = {"project_id": dataproc.project_id, "region": dataproc.region}
-    create_cluster = DataprocCreateClusterOperator(
-        task_id="create_cluster",
-        cluster_name=cluster_name,
-        cluster_config=cluster_config,
-        labels=labels,
-        use_if_exists=True,  # a clear-and-rerun of the same run reuses its cluster
-        delete_on_error=True,
-        deferrable=True,
-        **where,
-    )
 
-    def job(task_id: str, job_file: str, args: list[str]) -> DataprocSubmitJobOperator:
-        spec = pyspark_job(
-            project_id=dataproc.project_id,
-            cluster_name=cluster_name,
-            artifacts_root=dataproc.artifacts_root,
-            job_file=job_file,
-            args=args,
+    def cluster(suffix: str, jobs: list[tuple[str, str, list[str]]]) -> list:
+        """create -> the jobs in order (task id, job file, args), the delete as the create's teardown."""
+        name = cluster_name_template(suffix)
+        create = DataprocCreateClusterOperator(
+            task_id=f"create_cluster{suffix.replace('-', '_')}",
+            cluster_name=name,
+            cluster_config=cluster_config,
             labels=labels,
+            use_if_exists=True,  # a clear-and-rerun of the same run reuses its cluster
+            delete_on_error=True,
+            deferrable=True,
+            **where,
         )
-        return DataprocSubmitJobOperator(task_id=task_id, job=spec, deferrable=True, **where)
+        steps = [
+            DataprocSubmitJobOperator(
+                task_id=task_id,
+                job=pyspark_job(
+                    project_id=dataproc.project_id,
+                    cluster_name=name,
+                    artifacts_root=dataproc.artifacts_root,
+                    job_file=job_file,
+                    args=args,
+                    labels=labels,
+                ),
+                deferrable=True,
+                **where,
+            )
+            for task_id, job_file, args in jobs
+        ]
+        delete = DataprocDeleteClusterOperator(
+            task_id=f"delete_cluster{suffix.replace('-', '_')}", cluster_name=name, deferrable=True, **where
+        ).as_teardown(setups=create)
+        chain(create, *steps, delete)
+        return [create, *steps]
 
     # On Dataproc any non-zero exit is a failed job: below quorum exits 0 and the report says so.
-    aggregate = job("aggregate", "aggregate.py", [*aggregate_args, "--below-quorum-exit-code", "0"])
-    evaluate = job("evaluate", "evaluate.py", evaluate_args)
-    delete_cluster = DataprocDeleteClusterOperator(
-        task_id="delete_cluster", cluster_name=cluster_name, deferrable=True, **where
-    ).as_teardown(setups=create_cluster)
-    evaluate >> delete_cluster
-    return [create_cluster, aggregate, evaluate]
+    aggregate = ("aggregate", "aggregate.py", [*aggregate_args, "--below-quorum-exit-code", "0"])
+    evaluate = ("evaluate", "evaluate.py", evaluate_args)
+    if not scoring_steps:
+        return cluster("", [aggregate, evaluate])
+    return [*cluster("", [aggregate]), *scoring_steps, *cluster("-e", [evaluate])]
 
 
 with DAG(
@@ -139,8 +158,20 @@ with DAG(
         *("--bucket", config.bucket, "--round", run_setting("['round_id']")),
         *("--metric", run_setting("['gate']['metric']")),
     ]
+    scoring_steps = []
+    if config.gate.source != "holdout":  # clients score the candidate between aggregate and evaluate
+        scoring_steps = [
+            RequestEvaluationOperator(task_id="request_evaluation", settings=settings),
+            RoundQuorumSensor(
+                task_id="wait_for_evaluations",
+                settings=settings,
+                phase="evaluations",
+                poke_interval=config.evaluation.poll_seconds,
+                timeout=config.evaluation.deadline_seconds + config.evaluation.settle_seconds + 3600,
+            ),
+        ]
     if config.aggregation.engine == "dataproc":
-        spark_steps = dataproc_steps(config, aggregate_args, evaluate_args)
+        spark_steps = dataproc_steps(config, aggregate_args, evaluate_args, scoring_steps)
     else:
         spark = {
             "master": config.aggregation.spark_master,
@@ -157,17 +188,7 @@ with DAG(
         evaluate = LocalSparkSubmitOperator(
             task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
         )
-        spark_steps = [aggregate, evaluate]
-    if config.gate.source != "holdout":  # clients score the candidate between aggregate and evaluate
-        request_evaluation = RequestEvaluationOperator(task_id="request_evaluation", settings=settings)
-        wait_for_evaluations = RoundQuorumSensor(
-            task_id="wait_for_evaluations",
-            settings=settings,
-            phase="evaluations",
-            poke_interval=config.evaluation.poll_seconds,
-            timeout=2 * config.evaluation.deadline_seconds + config.evaluation.settle_seconds + 3600,
-        )
-        spark_steps[-1:-1] = [request_evaluation, wait_for_evaluations]
+        spark_steps = [aggregate, *scoring_steps, evaluate]
     promote = PromoteCandidateOperator(
         task_id="promote", settings=settings, outlets=[current_model_asset(config.bucket)]
     )

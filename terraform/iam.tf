@@ -89,15 +89,15 @@ resource "google_storage_bucket_iam_member" "client_read_round" {
 
   condition {
     title       = "read-models-and-tasks-${each.key}"
-    description = "Read promoted models, the pointers, round and evaluation tasks, candidates and round reports."
+    description = "Read promoted models, the pointers, round and evaluation tasks and round candidates."
     expression = join(" || ", [
       "resource.name.startsWith(\"${local.objects_root}models/\")",
       "resource.name == \"${local.objects_root}rounds/current.json\"",
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/task.json\"))",
-      # Federated evaluation: the candidate clients score, what to score it against, how the round ended.
+      # Federated evaluation: the candidate clients score and what to score it against. Not round
+      # reports: they name every client, its example count and its rejections.
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/evaluation-task.json\"))",
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/candidate/model.safetensors\"))",
-      "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/report.json\"))",
     ])
   }
 }

@@ -50,6 +50,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
     gate_tolerance = round_settings.pop("gate_tolerance", 1.0)
     gate_metric = round_settings.pop("gate_metric", "accuracy")
     gate_source = round_settings.pop("gate_source", "holdout")
+    evaluation_min_clients = round_settings.pop("evaluation_min_clients", 3)
     lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
     lines += ["retry_delay_seconds = 0", "", "[round]"]
     lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
@@ -66,7 +67,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
         "",
         "[evaluation]",
         "deadline_seconds = 120",
-        "min_clients = 3",
+        f"min_clients = {evaluation_min_clients}",
         "max_clients = 4",
         "settle_seconds = 3",
         "poll_seconds = 0.5",
@@ -415,7 +416,11 @@ def test_a_federation_without_server_data_gates_on_federated_evaluation(store_ur
     )
     init_federation(store, config)  # no splits: the server holds no personal data
     assert not store.exists(LAYOUT.validation_split) and not store.exists(LAYOUT.test_split)
-    config_path = write_config(tmp_path, store_url, gate_source="federated", gate_tolerance=0.0, max_clients=4)
+    # Every wait needs all four clients (no race between a slow fourth client and an early close).
+    config_path = write_config(
+        tmp_path, store_url, gate_source="federated", gate_tolerance=0.0, min_clients=4, max_clients=4,
+        evaluation_min_clients=4,
+    )  # fmt: skip
     behaviours = {"c0": "honest", "c1": "honest", "c2": "honest", "c3": "forger"}
     with Clients(store_url, tmp_path / "clients", behaviours):
         run = run_dag(config_path, run_conf={"round_id": "fed-1"})

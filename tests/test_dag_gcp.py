@@ -19,6 +19,10 @@ pytestmark = pytest.mark.airflow
 
 @pytest.fixture
 def gcp_dag(airflow_home, tmp_path):
+    return load_gcp_dag(tmp_path)
+
+
+def load_gcp_dag(tmp_path, *extra: str):
     shutil.copyfile(EXAMPLE_CLUSTER, tmp_path / "dataproc_cluster.json")
     config = tmp_path / "federation.toml"
     config.write_text(
@@ -34,6 +38,7 @@ def gcp_dag(airflow_home, tmp_path):
                 'region = "europe-west4"',
                 'artifacts_root = "gs://my-org-fedbucket-artifacts/fedbucket/0.1.0"',
                 'labels = { team = "ml" }',
+                *extra,
             ]
         )
         + "\n"
@@ -61,6 +66,20 @@ def test_wiring_and_teardown(gcp_dag):
     assert not delete.downstream_task_ids  # a teardown leaf: a failed job still fails the run
     for task_id in ("create_cluster", "aggregate", "evaluate", "delete_cluster"):
         assert tasks[task_id].deferrable is True, task_id
+
+
+def test_federated_evaluation_runs_between_two_clusters(airflow_home, tmp_path):
+    """Clients score the candidate with no cluster up: the aggregation cluster is deleted before the
+    wait, and a second cluster (``-e``) runs the evaluation."""
+    tasks = load_gcp_dag(tmp_path, "[gate]", 'source = "federated"').task_dict
+    assert tasks["aggregate"].downstream_task_ids == {"request_evaluation", "delete_cluster"}
+    assert tasks["request_evaluation"].downstream_task_ids == {"wait_for_evaluations"}
+    assert tasks["wait_for_evaluations"].downstream_task_ids == {"create_cluster_e"}
+    assert tasks["evaluate"].downstream_task_ids == {"promote", "delete_cluster_e"}
+    for teardown, setup in (("delete_cluster", "create_cluster"), ("delete_cluster_e", "create_cluster_e")):
+        assert tasks[teardown].is_teardown and setup in tasks[teardown].upstream_task_ids
+    assert tasks["create_cluster_e"].cluster_name.endswith("}}-e")
+    assert tasks["evaluate"].job["placement"]["cluster_name"] == tasks["create_cluster_e"].cluster_name
 
 
 def test_cluster_is_exactly_terraforms(gcp_dag):

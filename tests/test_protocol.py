@@ -59,9 +59,25 @@ def test_documented_layout_matches_the_code():
 
 
 def test_unknown_schema_version_is_refused_clearly():
-    raw = json.dumps({"kind": "round-pointer", "schema_version": 2, "round_id": "r1", "status": "open"})
-    with pytest.raises(UnsupportedSchemaVersion, match=r"schema_version 2 is not supported.*reads \[1\]"):
+    raw = json.dumps({"kind": "round-pointer", "schema_version": 3, "round_id": "r1", "status": "open"})
+    with pytest.raises(UnsupportedSchemaVersion, match=r"schema_version 3 is not supported.*reads \[1, 2\]"):
         parse_document(RoundPointer, raw)
+
+
+def test_a_version_1_document_reads_with_the_new_fields_at_their_defaults():
+    """Version 2 added task packages and federated evaluation; version-1 documents still read."""
+    from fedbucket.protocol.documents import RoundTask
+
+    old = {
+        "kind": "round-task", "schema_version": 1, "round_id": "r1", "base_model_version": "init",
+        "base_model_sha256": "0" * 64, "model": {"name": "mlp", "kwargs": {"hidden": 64}},
+        "opened_at": "2026-11-25T12:00:00Z", "deadline": "2026-11-25T12:10:00Z",
+        "training": {"local_epochs": 2, "batch_size": 32, "learning_rate": 0.05, "proximal_mu": 0.0},
+        "tensors": {}, "max_update_bytes": 10,
+    }  # fmt: skip
+    task = parse_document(RoundTask, json.dumps(old))
+    assert task.model.task is None and task.training.extra == {} and task.federated_evaluation is False
+    assert json.loads(task.to_json_bytes())["schema_version"] == 1  # read as it was written
     with pytest.raises(UnsupportedSchemaVersion):
         parse_document(RoundPointer, json.dumps({"kind": "round-pointer", "round_id": "r1", "status": "open"}))
 

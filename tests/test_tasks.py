@@ -65,7 +65,14 @@ def write_config(path: Path, bucket: str, *, task: str | None, model: str, extra
 
 
 def server_round(
-    store: ObjectStore, round_id: str, config: FederationConfig, *, updates: int, reports: int, client=None
+    store: ObjectStore,
+    round_id: str,
+    config: FederationConfig,
+    *,
+    updates: int,
+    reports: int,
+    evaluation: EvaluationSettings,
+    client=None,
 ) -> None:
     """Open a round, wait for ``updates`` valid updates, aggregate, publish the candidate and wait
     for ``reports`` client evaluations (accepted or rejected), evaluate: what the DAG does."""
@@ -76,17 +83,16 @@ def server_round(
     wait_for(lambda: len(survey_round(store, task).on_time) >= updates, f"{updates} updates", client)
     freeze_round(store, task, reason="quorum", closed_at=utcnow())
     assert run_aggregation(store, round_id, build_strategy("fedavg"), min_clients=updates).status == "aggregated"
-    evaluation: EvaluationTask = request_evaluation(
-        store, round_id, EvaluationSettings(deadline_seconds=3600, min_clients=2, trim_fraction=0.2),
-        num_classes=load_task(config.model.task).num_classes, opened_at=utcnow(),
-    )  # fmt: skip
+    scoring: EvaluationTask = request_evaluation(
+        store, round_id, evaluation, num_classes=load_task(config.model.task).num_classes, opened_at=utcnow()
+    )
 
     def reported() -> bool:
-        survey = survey_evaluations(store, evaluation)
+        survey = survey_evaluations(store, scoring)
         return len(survey.on_time) + len(survey.rejected) >= reports
 
     wait_for(reported, f"{reports} client evaluations", client)
-    freeze_evaluations(store, evaluation, reason="quorum", closed_at=utcnow())
+    freeze_evaluations(store, scoring, reason="quorum", closed_at=utcnow())
     run_evaluation(store, round_id, metric=config.gate.metric)
 
 
@@ -120,7 +126,8 @@ def test_text_task_simulated_federation_gates_on_the_clients_scores(tmp_path):
         line = simulate.stdout.readline()
         assert line, f"simulate exited before its clients were ready: {lines}"
         lines.append(line.rstrip())
-    server_round(store, "text-1", config, updates=3, reports=4, client=simulate)
+    scoring = EvaluationSettings(deadline_seconds=3600, min_clients=3, trim_fraction=0.25)
+    server_round(store, "text-1", config, updates=3, reports=4, evaluation=scoring, client=simulate)
     output, _ = simulate.communicate(timeout=EVENT_TIMEOUT)
     lines += output.splitlines()
     assert simulate.returncode == 0, "\n".join(lines)
@@ -191,7 +198,8 @@ def test_participate_trains_scores_and_refuses_other_tasks(tmp_path):
         for process in (ours, other):
             assert process.stdout is not None
             assert "waiting for rounds" in process.stdout.readline()
-        server_round(store, "p-1", config, updates=1, reports=1, client=ours)
+        one_report = EvaluationSettings(deadline_seconds=3600, min_clients=1, trim_fraction=0.0)
+        server_round(store, "p-1", config, updates=1, reports=1, evaluation=one_report, client=ours)
         out, err = ours.communicate(timeout=EVENT_TIMEOUT)
         assert ours.returncode == 0, out + err
         assert "round p-1: trained on 320 examples" in out and "scored the candidate on 80" in out

@@ -16,10 +16,13 @@ def cluster_name_for(round_id: str, run_id: str) -> str:
     return f"fedbucket-{slug}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
-def cluster_name_template() -> str:
+def cluster_name_template(suffix: str = "") -> str:
     """The cluster name as a template: :func:`cluster_name_for` of the run's round id and run id
-    (the DAG registers it as a user-defined macro)."""
-    return "{{ cluster_name_for(ti.xcom_pull(task_ids='publish')['round_id'], run_id) }}"
+    (the DAG registers it as a user-defined macro), plus ``suffix`` (at most 4 characters: a run's
+    second cluster)."""
+    if len(suffix) > 4:
+        raise ValueError("a cluster name suffix has at most 4 characters (names are at most 51)")
+    return "{{ cluster_name_for(ti.xcom_pull(task_ids='publish')['round_id'], run_id) }}" + suffix
 
 
 def pyspark_job(

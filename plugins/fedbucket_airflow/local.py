@@ -75,24 +75,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, type=Path, help="federation config (TOML)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds to run, one after the other (default 1)")
-    parser.add_argument("--round-prefix", default="local", help="round ids are <prefix>-01, -02, ... (default local)")
+    parser.add_argument(
+        "--round-prefix",
+        default=None,
+        help="round ids are <prefix>-01, -02, ... (default local-<UTC time now>: a new run never re-runs old rounds)",
+    )
     parser.add_argument("--home", type=Path, default=Path("airflow-rounds"), help="Airflow home and logs")
     args = parser.parse_args(argv)
     if args.rounds < 1 or not args.config.is_file():
         parser.error("need --rounds >= 1 and an existing --config file")
-    from fedbucket.protocol.documents import RoundReport, read_optional
+    from fedbucket.protocol.documents import RoundReport, read_optional, utcnow
     from fedbucket.protocol.layout import LAYOUT
     from fedbucket.protocol.storage import open_store
     from fedbucket.server.config import FederationConfig
 
     config = FederationConfig.load(args.config)
+    prefix = args.round_prefix or f"local-{utcnow():%Y%m%dT%H%M%S}"
     home = args.home.resolve()
     env = local_airflow_env(args.config, home)
     migrate(env)
     store = open_store(config.bucket)
     failed = 0
     for number in range(1, args.rounds + 1):
-        round_id = f"{args.round_prefix}-{number:02d}"
+        round_id = f"{prefix}-{number:02d}"
+        if store.exists(LAYOUT.round_task(round_id)):
+            print(f"round {round_id} exists: this re-runs it (it keeps its task, updates and closing)", flush=True)
         print(f"round {round_id}: running the DAG (log: {home / 'logs' / (round_id + '.log')})", flush=True)
         code = run_round(env, round_id, home / "logs" / f"{round_id}.log")
         report, _ = read_optional(store, LAYOUT.round_report(round_id), RoundReport)

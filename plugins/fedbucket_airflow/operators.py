@@ -24,10 +24,11 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.errors import ConfigError, FedbucketError, InvalidIdentifier, PreconditionFailed
 from fedbucket.protocol.layout import LAYOUT
+from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import FederationConfig, RunSettings, check_task
 from fedbucket.server.promotion import gate_decision, gate_figures, promote_candidate
 from fedbucket.server.report import build_round_report, summary_lines
-from fedbucket.server.rounds import open_round, request_evaluation, round_id_for
+from fedbucket.server.rounds import current_model, open_round, request_evaluation, round_id_for
 from fedbucket_airflow.hooks import FederationHook
 
 
@@ -73,7 +74,6 @@ class OpenRoundOperator(BaseOperator):
             round_id = round_id_for(dag_run.logical_date, dag_run.run_after, params.get("round_id"))
             overrides = {**params, **(dag_run.conf or {})}  # conf keys without a Param are caught here
             run = RunSettings.resolve(config, round_id, overrides)
-            check_task(config, run.training)  # the task imports here, and training.extra fits it
             longest = run.round.deadline_seconds + run.round.settle_seconds
             if self.max_deadline_seconds is not None and longest > self.max_deadline_seconds:
                 raise ConfigError(
@@ -84,6 +84,7 @@ class OpenRoundOperator(BaseOperator):
         except (ConfigError, InvalidIdentifier) as exc:
             raise AirflowFailException(f"invalid run parameters: {exc}") from None
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        self._check_recipe(store, run)
         task = open_round(
             store,
             round_id=run.round_id,
@@ -102,6 +103,21 @@ class OpenRoundOperator(BaseOperator):
             run.aggregation.strategy, run.aggregation.options, task.training,
         )  # fmt: skip
         return run.model_dump(mode="json")
+
+    @staticmethod
+    def _check_recipe(store: ObjectStore, run: RunSettings) -> None:
+        """The task of the model this round will train from (the current model's, which may differ
+        from the config's after an edit) must import here and take the run's ``training.extra``:
+        checked before the round opens, so no client trains on a recipe its task refuses. A re-run
+        finds its round already open and checks nothing (the round stays as it was)."""
+        if store.exists(LAYOUT.round_task(run.round_id)):
+            return
+        pointer, _ = current_model(store)
+        manifest, _ = read_document(store, LAYOUT.model_manifest(pointer.version), ModelManifest)
+        try:
+            check_task(manifest.model, run.training)
+        except ConfigError as exc:
+            raise AirflowFailException(f"invalid run parameters: {exc}") from None
 
 
 class RequestEvaluationOperator(BaseOperator):

@@ -6,8 +6,8 @@ writes, tensor and storage helpers, and the error tree. The package is split by 
     fedbucket.protocol   layout, documents, tensors, validation, storage, errors (imports nothing above it)
     fedbucket.client     the Client and the client commands of the CLI
     fedbucket.server     config, round lifecycle, aggregation, strategies, evaluation, promotion, reports
-    fedbucket.torch      PyTorch helpers and the model zoo (the ``torch`` extra)
-    fedbucket.sim        simulated federations, the digits data, a local GCS emulator
+    fedbucket.torch      task packages, training, the digits task, `participate` (the ``torch`` extra)
+    fedbucket.sim        simulated federations, client partitions, a local GCS emulator
 
 ``import fedbucket`` loads the protocol and the client only; the Airflow DAG, its plugins and
 the Spark jobs import :mod:`fedbucket.server`.

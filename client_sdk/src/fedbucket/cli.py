@@ -237,7 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--partition", choices=["iid", "dirichlet"], default="dirichlet", help="how digits are split among clients"
     )
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more non-IID)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the clients")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the clients (match the config's seed)")
+    p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.2,
+        help="share of the task's example data left out for the server's splits, as `fedbucket init` does "
+        "(match the config's holdout_fraction; ignored with --data)",
+    )
     p.add_argument(
         "--dropout", type=float, default=0.0, help="fraction of clients that fetch the model but never answer"
     )

@@ -21,9 +21,12 @@ from fedbucket.protocol.errors import ObjectNotFound, SchemaError, UnsupportedSc
 from fedbucket.protocol.layout import IDENTIFIER_PATTERN
 from fedbucket.protocol.storage import ObjectStore
 
-#: The protocol version this package writes and the versions it reads.
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+#: The protocol version this package writes and the versions it reads. Version 2 added task
+#: packages (``model.task``, ``training.extra``) and federated evaluation; a version-1 document
+#: reads as version 2 with those fields at their defaults, while a version-1 reader refuses a
+#: version-2 document with "upgrade fedbucket" instead of half-understanding it.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 #: Largest JSON document a reader accepts (bytes); manifests are a few KiB.
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -81,14 +84,16 @@ class Document(BaseModel):
 DocumentT = TypeVar("DocumentT", bound=Document)
 
 
-def parse_document(cls: type[DocumentT], raw: bytes | str, *, source: str = "document") -> DocumentT:
+def parse_document(
+    cls: type[DocumentT], raw: bytes | str, *, source: str = "document", max_bytes: int = MAX_DOCUMENT_BYTES
+) -> DocumentT:
     """Parse and validate one JSON document of type ``cls``.
 
     Raises :class:`UnsupportedSchemaVersion` when ``schema_version`` is not one this package
     reads, and :class:`SchemaError` for anything else that is wrong, naming ``source``.
     """
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise SchemaError(f"{source}: {len(raw)} bytes is larger than {MAX_DOCUMENT_BYTES} allowed")
+    if len(raw) > max_bytes:
+        raise SchemaError(f"{source}: {len(raw)} bytes is larger than {max_bytes} allowed")
     try:
         data: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -349,7 +354,8 @@ class ModelScore(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     examples: Count
-    loss_sum: float = Field(ge=0)
+    loss_sum: float = Field(ge=0, description="summed cross-entropy over the examples whose loss was finite")
+    non_finite: Count = Field(default=0, description="examples whose loss was NaN or infinite (a diverged model)")
     true_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_negative: list[Count] = Field(max_length=MAX_CLASSES)
@@ -409,9 +415,14 @@ class ClosedEvaluation(BaseModel):
     _tz = field_validator("committed_at")(_utc)
 
 
+#: The evaluation closing holds every accepted report inline (a few KiB each; ~60 KiB at 1,000
+#: classes), so the server reads it with this larger bound; it writes none larger.
+MAX_EVALUATION_CLOSING_BYTES = 64 * 1024 * 1024
+
+
 class EvaluationClosing(Document):
     """``rounds/<round>/evaluation-closing.json``: the client evaluations a round's gate uses, frozen
-    (inline: they are small) when the evaluation wait ended."""
+    (inline) when the evaluation wait ended. At most ``MAX_EVALUATION_CLOSING_BYTES``."""
 
     kind: ClassVar[str] = "evaluation-closing"
     round_id: Identifier
@@ -437,6 +448,12 @@ class FederatedMetrics(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     reports: int = Field(description="accepted client evaluations")
+    difference: float | None = Field(
+        default=None,
+        description="what the gate compares: the example-weighted mean, over the kept reports, of each client's "
+        "candidate-minus-base difference on the gate metric (positive: better; loss counts downwards)",
+    )
+    metric: str = Field(default="accuracy", description="the gate metric the reports were ranked by")
     used: list[str] = Field(default_factory=list, description="clients whose scores were pooled")
     trimmed: list[str] = Field(default_factory=list, description="clients dropped as the most extreme")
     rejected: list[UpdateVerdict] = Field(default_factory=list)
@@ -505,17 +522,21 @@ def utcnow() -> datetime:
 # Reading and writing documents in a store
 
 
-def read_document(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT, int]:
-    """Read and parse one protocol document (at most ``MAX_DOCUMENT_BYTES`` are read); returns it
-    and its generation."""
-    raw, generation = store.get_bytes(name, max_bytes=MAX_DOCUMENT_BYTES)
-    return parse_document(cls, raw, source=f"{store.url}/{name}"), generation
+def read_document(
+    store: ObjectStore, name: str, cls: type[DocumentT], *, max_bytes: int = MAX_DOCUMENT_BYTES
+) -> tuple[DocumentT, int]:
+    """Read and parse one protocol document (at most ``max_bytes`` are read: ``MAX_DOCUMENT_BYTES``
+    unless the server reads a larger document it wrote itself); returns it and its generation."""
+    raw, generation = store.get_bytes(name, max_bytes=max_bytes)
+    return parse_document(cls, raw, source=f"{store.url}/{name}", max_bytes=max_bytes), generation
 
 
-def read_optional(store: ObjectStore, name: str, cls: type[DocumentT]) -> tuple[DocumentT | None, int]:
+def read_optional(
+    store: ObjectStore, name: str, cls: type[DocumentT], *, max_bytes: int = MAX_DOCUMENT_BYTES
+) -> tuple[DocumentT | None, int]:
     """Like :func:`read_document`, but ``(None, 0)`` when the object does not exist."""
     try:
-        return read_document(store, name, cls)
+        return read_document(store, name, cls, max_bytes=max_bytes)
     except ObjectNotFound:
         return None, 0
 

@@ -274,6 +274,8 @@ def check_client_evaluation(task: EvaluationTask, report: ClientEvaluation, comm
         tp = sum(score.true_positive)
         if tp + sum(score.false_negative) != examples or tp + sum(score.false_positive) != examples:
             raise InvalidEvaluation(f"{label}: per-class counts do not add up to {examples} examples")
+        if score.non_finite > examples:
+            raise InvalidEvaluation(f"{label}: {score.non_finite} non-finite losses among {examples} examples")
         if score.loss_sum > examples * MAX_MEAN_LOSS:
             raise InvalidEvaluation(f"{label}: mean loss above {MAX_MEAN_LOSS:g} is not a cross-entropy we accept")
 

@@ -12,11 +12,13 @@ from fedbucket.server.initialise import init_federation
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Initialise a federation: initial model, the server's splits (if any), empty round state."""
-    from fedbucket.torch.task import examples_from, load_task
+    from fedbucket.torch.task import example_split, examples_from, load_task
 
     config = FederationConfig.load(args.config)
     bucket = args.bucket or config.bucket
-    check_task(config)  # before anything is read or written: a task that cannot import is one line
+    check_task(
+        config.model, config.training
+    )  # before anything is read or written: a task that cannot import is one line
     task = load_task(config.model.task)
     validation = examples_from(load_tensors(args.validation)) if args.validation else None
     test = examples_from(load_tensors(args.test)) if args.test else None
@@ -24,10 +26,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if validation is None and test is None and not args.no_splits and config.gate.source != "federated":
         if task.example_data is None:
             source = "none"
-        else:  # the task's own example data (the demo's digits): validation and test halves of a hold-out share
-            _, held_out = task.example_data(config.seed).split(config.holdout_fraction, seed=config.seed)
-            test, validation = held_out.split(0.5, seed=config.seed)
-            source = f"task {task.name!r} example data"
+        else:  # the task's own example data (the demo's digits), split as `fedbucket simulate` splits it
+            _, validation, test = example_split(task, seed=config.seed, holdout_fraction=config.holdout_fraction)
+            source = f"task {task.name!r} example data (seed {config.seed}, held out {config.holdout_fraction:g})"
     store = open_store(bucket, create=True, retry_timeout=args.timeout)
     manifest, created = init_federation(store, config, validation=validation, test=test)
     if created:

@@ -51,6 +51,8 @@ class WaitSettings(_Section):
     def _consistent(self) -> WaitSettings:
         if self.max_clients is not None and self.max_clients < self.min_clients:
             raise ValueError("max_clients must be at least min_clients")
+        if self.min_clients_at_deadline is not None and self.min_clients_at_deadline > self.min_clients:
+            raise ValueError("min_clients_at_deadline must be at most min_clients")
         return self
 
     @property
@@ -76,7 +78,12 @@ class EvaluationSettings(WaitSettings):
     ``both``: the candidate is published for scoring and a second wait collects the scores."""
 
     deadline_seconds: float = Field(default=300.0, gt=0, description="how long clients have to score the candidate")
-    min_clients: int = Field(default=3, ge=1, description="reports the gate needs (fewer: the candidate is rejected)")
+    min_clients: int = Field(
+        default=3,
+        ge=1,
+        description="stop waiting (after the grace period) once this many reports arrived; with "
+        "min_clients_at_deadline, the reports the gate needs (fewer: the candidate is rejected)",
+    )
     trim_fraction: float = Field(
         default=0.1,
         ge=0,
@@ -87,6 +94,15 @@ class EvaluationSettings(WaitSettings):
     max_examples_per_report: int | None = Field(
         default=100_000, ge=1, description="a report claiming more examples is rejected (bounds its weight)"
     )
+
+    @model_validator(mode="after")
+    def _trimming_possible(self) -> EvaluationSettings:
+        if self.trim_fraction > 0 and self.quorum_at_deadline < 3:
+            raise ValueError(
+                "trimming one report from each end needs at least 3 reports: raise min_clients (and "
+                "min_clients_at_deadline) to 3, or set trim_fraction = 0 and accept that one client can decide the gate"
+            )
+        return self
 
 
 class AggregationSettings(_Section):
@@ -258,13 +274,13 @@ class RunSettings(_Section):
         return self.gate.source in ("federated", "both")
 
 
-def check_task(config: FederationConfig, training: TrainingConfig | None = None) -> None:
-    """Import the federation's task and check the model and ``training.extra`` against it
+def check_task(model: ModelSpec, training: TrainingConfig) -> None:
+    """Import ``model``'s task and check the model name and ``training.extra`` against it
     (:class:`ConfigError` says what is wrong and where the task must be importable). Imports
     torch: called by ``init`` and the publish step, never at DAG parse time."""
     from fedbucket.torch.task import load_task
 
-    task = load_task(config.model.task)
-    if config.model.name not in task.models:
-        raise ConfigError(f"task {task.name!r} has no model {config.model.name!r}; it has {sorted(task.models)}")
-    task.check_training(training or config.training)
+    task = load_task(model.task)
+    if model.name not in task.models:
+        raise ConfigError(f"task {task.name!r} has no model {model.name!r}; it has {sorted(task.models)}")
+    task.check_training(training)

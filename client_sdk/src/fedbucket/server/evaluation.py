@@ -100,13 +100,16 @@ def score_rows(plan: SplitPlan, rows: tuple[int, int]) -> dict[str, ModelScore]:
 
 
 def add_scores(scores: Iterable[ModelScore]) -> ModelScore:
-    """The sum of scores of the same model on disjoint examples (in iteration order: deterministic)."""
+    """The sum of scores of the same model on disjoint examples (in iteration order: deterministic).
+
+    Built without re-validation: a sum may exceed the bounds one client's report must respect."""
     scores = list(scores)
     if not scores:
         raise ValueError("no scores to add")
-    return ModelScore(
+    return ModelScore.model_construct(
         examples=sum(s.examples for s in scores),
         loss_sum=math.fsum(s.loss_sum for s in scores),
+        non_finite=sum(s.non_finite for s in scores),
         true_positive=np.sum([s.true_positive for s in scores], axis=0).tolist(),
         false_positive=np.sum([s.false_positive for s in scores], axis=0).tolist(),
         false_negative=np.sum([s.false_negative for s in scores], axis=0).tolist(),
@@ -124,7 +127,7 @@ def metrics_from_score(version: str, score: ModelScore) -> ModelMetrics:
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(tp), where=denominator > 0)
     present = actual > 0
     n = score.examples
-    loss = score.loss_sum / n if n else math.nan
+    loss = score.loss_sum / n if n and not score.non_finite else math.nan
     return ModelMetrics(
         version=version,
         loss=loss,
@@ -141,7 +144,12 @@ def metrics_from_score(version: str, score: ModelScore) -> ModelMetrics:
 
 
 def gate_difference(metric: str, candidate: ModelMetrics, current: ModelMetrics) -> float:
-    """How much better the candidate is on ``metric`` (positive: better; loss counts downwards)."""
+    """How much better the candidate is on ``metric`` (positive: better; loss counts downwards).
+    A candidate with non-finite losses is infinitely worse; a non-finite base, infinitely better."""
+    if not candidate.finite:
+        return -math.inf
+    if not current.finite:
+        return math.inf
     if metric == "loss":
         return current.loss - candidate.loss
     return getattr(candidate, metric) - getattr(current, metric)
@@ -150,33 +158,42 @@ def gate_difference(metric: str, candidate: ModelMetrics, current: ModelMetrics)
 def federated_metrics(
     closing: EvaluationClosing, task: EvaluationTask, *, metric: str, candidate_version: str
 ) -> FederatedMetrics:
-    """Pool the clients' scores, robustly.
+    """What the clients' scores say, robustly.
 
     Each report's candidate-minus-base difference on the gate ``metric`` is computed from its own
-    counts; the ``k`` reports with the highest and the ``k`` with the lowest difference are set
-    aside (``k = ceil(trim_fraction * n)``, capped so at least one report remains; ties broken by
-    client id), and the rest are pooled by adding their counts — so the pooled figures weigh
-    clients by their example counts, and one client reporting absurd (but well-formed) counts is
-    either trimmed or lies between honest ones: alone it cannot move the gate past them.
+    counts (a diverged candidate: minus infinity). The ``k`` reports with the highest and the ``k``
+    with the lowest difference are set aside (``k = ceil(trim_fraction * n)``, capped so at least
+    one report remains; ties broken by client id). The gate compares ``difference``: the mean of
+    the kept reports' differences weighted by their example counts — a weighted mean, so it lies
+    within the kept reports' range, and one client's well-formed lie is either trimmed or lies
+    between honest differences: alone it cannot move the gate past them, whatever the metric.
+    The kept reports' counts are also added up into pooled candidate and base figures (exact
+    loss, accuracy and macro-F1 of the kept clients' validation data), reported for people.
     """
     reports = [closed.report for closed in closing.reports]
-    result = FederatedMetrics(reports=len(reports), rejected=closing.rejected, quorum=task.min_reports)
+    result = FederatedMetrics(reports=len(reports), rejected=closing.rejected, quorum=task.min_reports, metric=metric)
     if not reports:
         return result
-    differences = []
+    ranked = []
     for report in reports:
         candidate = metrics_from_score(candidate_version, report.candidate)
         current = metrics_from_score(report.base_model_version, report.current)
-        differences.append((gate_difference(metric, candidate, current), report.client_id, report))
-    differences.sort(key=lambda item: (item[0], item[1]))
-    n = len(differences)
-    k = min(math.ceil(task.trim_fraction * n), (n - 1) // 2)
-    kept = differences[k : n - k]
-    trimmed = differences[:k] + differences[n - k :]
+        ranked.append((gate_difference(metric, candidate, current), report.client_id, report))
+    ranked.sort(key=lambda item: (item[0], item[1]))
+    n = len(ranked)
+    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, and must trim 7, not 8.
+    k = min(math.ceil(round(task.trim_fraction * n, 9)), (n - 1) // 2)
+    kept, trimmed = ranked[k : n - k], ranked[:k] + ranked[n - k :]
+    weights = [r.candidate.examples for _, _, r in kept]
+    differences = [d for d, _, _ in kept]
+    difference = None  # a diverged model among the kept reports: the pooled figures say "not finite"
+    if all(math.isfinite(d) for d in differences):
+        difference = math.fsum(w * d for w, d in zip(weights, differences, strict=True)) / sum(weights)
     pooled_candidate = add_scores(r.candidate for _, _, r in kept)
     pooled_current = add_scores(r.current for _, _, r in kept)
     return result.model_copy(
         update={
+            "difference": difference,
             "used": sorted(client for _, client, _ in kept),
             "trimmed": sorted(client for _, client, _ in trimmed),
             "examples": pooled_candidate.examples,

@@ -48,7 +48,7 @@ def init_federation(
     from fedbucket.torch.task import load_task
     from fedbucket.torch.training import state_dict_to_numpy
 
-    check_task(config)
+    check_task(config.model, config.training)
     task = load_task(config.model.task)
     if config.gate.source in ("holdout", "both") and validation is None:
         raise ConfigError(
@@ -57,10 +57,13 @@ def init_federation(
         )
     model = task.build_model(config.model, seed=config.seed)
     for label, split in (("validation", validation), ("test", test)):
-        if split is not None and len(split):  # scoring a few rows finds a split the task cannot read, unwritten
-            task.score(model, split.subset(slice(0, 8)))
-        elif split is not None:
+        if split is None:
+            continue
+        if not len(split):
             raise ConfigError(f"the {label} split is empty")
+        if split.y.min() < 0 or split.y.max() >= task.num_classes:
+            raise ConfigError(f"the {label} split has labels outside 0..{task.num_classes - 1} (task {task.name!r})")
+        task.score(model, split.subset(slice(0, 8)))  # a few rows: a split the task cannot read fails here
     tensors = state_dict_to_numpy(model)
     with tempfile.TemporaryDirectory() as tmp:
         for name, split in ((layout.validation_split, validation), (layout.test_split, test)):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fedbucket.protocol.documents import (
     EvaluationReport,
+    FederatedMetrics,
     ModelManifest,
     ModelMetrics,
     read_document,
@@ -25,6 +26,7 @@ from fedbucket.protocol.errors import PreconditionFailed
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import GateSettings
+from fedbucket.server.evaluation import gate_difference
 from fedbucket.server.rounds import current_model, set_current_model
 
 #: A bound on the walk back through the model chain (a chain that long is a corrupted bucket).
@@ -41,27 +43,46 @@ def gate_decision(evaluation: EvaluationReport, gate: GateSettings) -> GateDecis
     """Whether the candidate may replace the round's base model, and why (deterministic text).
 
     ``gate.source`` names the figures it compares: the server's validation split (``holdout``),
-    the clients' pooled scores (``federated``) or both, each of which must pass. A source the
-    gate needs but the evaluation lacks (no validation split, fewer client reports than the
-    quorum) fails the gate: no figure, no promotion.
+    the clients' scores (``federated``: the trimmed, example-weighted mean of their paired
+    differences, see :func:`~fedbucket.server.evaluation.federated_metrics`) or both, each of
+    which must pass. A source the gate needs but the evaluation lacks (no validation split, fewer
+    accepted client reports than the quorum) fails the gate: no figure, no promotion.
     """
     checks: list[tuple[bool, str]] = []
     if gate.source in ("holdout", "both"):
         if evaluation.validation is None:
-            checks.append((False, "no validation split on the server (gate.source needs one)"))
-        else:
-            checks.append(_compare("validation", evaluation.validation.candidate, evaluation.validation.current, gate))
-    if gate.source in ("federated", "both"):
-        federated = evaluation.federated
-        if federated is None or federated.candidate is None or federated.current is None:
-            checks.append((False, "no federated evaluation (the candidate was not scored by clients)"))
-        elif len(federated.used) + len(federated.trimmed) < federated.quorum:
             checks.append(
-                (False, f"federated evaluation below quorum: {federated.reports} report(s), need {federated.quorum}")
+                (False, f"no validation split on the server ({LAYOUT.validation_split}; gate.source needs it)")
             )
         else:
-            checks.append(_compare("federated", federated.candidate, federated.current, gate))
+            validation = evaluation.validation
+            checks.append(_compare("validation", validation.candidate, validation.current, gate))
+    if gate.source in ("federated", "both"):
+        checks.append(_federated_check(evaluation.federated, gate))
     return GateDecision(all(passed for passed, _ in checks), "; ".join(message for _, message in checks))
+
+
+def _federated_check(federated: FederatedMetrics | None, gate: GateSettings) -> tuple[bool, str]:
+    if federated is None:
+        return False, "federated: the candidate was never published to clients for scoring"
+    if federated.reports < federated.quorum or federated.candidate is None or federated.current is None:
+        return False, (
+            f"federated evaluation below quorum: {federated.reports} accepted report(s) of {federated.quorum} "
+            f"needed ({len(federated.rejected)} rejected)"
+        )
+    if not federated.candidate.finite:
+        return False, "federated: the candidate's losses are not finite on some clients' data (it diverged)"
+    new, old = getattr(federated.candidate, gate.metric), getattr(federated.current, gate.metric)
+    pooled = f"pooled {gate.metric} {new:.4f} vs {old:.4f}"
+    if federated.difference is None:  # the base diverged and the candidate did not
+        return True, f"federated: the base model's losses are not finite, the candidate's are ({pooled})"
+    passed = federated.difference >= -gate.tolerance
+    relation = "within" if passed else "outside"
+    return passed, (
+        f"federated: candidate {gate.metric} {federated.difference:+.4f} vs current (trimmed mean over "
+        f"{len(federated.used)} client(s), {len(federated.trimmed)} trimmed; {pooled}): {relation} the tolerance "
+        f"{gate.tolerance:g}"
+    )
 
 
 def gate_figures(evaluation: EvaluationReport, gate: GateSettings) -> ModelMetrics | None:
@@ -74,8 +95,8 @@ def gate_figures(evaluation: EvaluationReport, gate: GateSettings) -> ModelMetri
 def _compare(source: str, candidate: ModelMetrics, current: ModelMetrics, gate: GateSettings) -> tuple[bool, str]:
     if not candidate.finite or not all(math.isfinite(getattr(candidate, m)) for m in ("accuracy", "macro_f1")):
         return False, f"{source}: candidate metrics are not finite"
+    passed = gate_difference(gate.metric, candidate, current) >= -gate.tolerance
     new, old = getattr(candidate, gate.metric), getattr(current, gate.metric)
-    passed = new <= old + gate.tolerance if gate.metric == "loss" else new >= old - gate.tolerance
     relation = "within" if passed else "outside"
     return passed, (
         f"{source}: candidate {gate.metric} {new:.4f} vs current {old:.4f}: {relation} the tolerance {gate.tolerance:g}"

@@ -73,7 +73,7 @@ def build_round_report(
     elif aggregation is None or candidate is None:
         status, message = "failed", "aggregation did not finish (see the aggregate task log)"
     elif evaluation is None or decision is None:
-        status, message = "failed", "evaluation did not finish (see the evaluate task log)"
+        status, message = "failed", _unfinished_evaluation(store, round_id, gate, layout)
     elif not decision.passed:
         status, message = "rejected", f"gate refused: {decision.message}"
     elif current_model(store, layout=layout)[0].version != candidate.base_version:
@@ -97,6 +97,16 @@ def build_round_report(
         ignored_objects=closing.ignored_objects if closing else 0,
         metrics=metrics,
     )
+
+
+def _unfinished_evaluation(store: ObjectStore, round_id: str, gate: GateSettings, layout: BucketLayout) -> str:
+    """Which evaluation step did not finish, from what it left in the bucket."""
+    if gate.source != "holdout":
+        if not store.exists(layout.evaluation_task(round_id)):
+            return "the candidate was not published for scoring (see the request_evaluation task log)"
+        if not store.exists(layout.evaluation_closing(round_id)):
+            return "the wait for the clients' scores did not finish (see the wait_for_evaluations task log)"
+    return "evaluation did not finish (see the evaluate task log)"
 
 
 def summary_lines(report: RoundReport) -> list[str]:

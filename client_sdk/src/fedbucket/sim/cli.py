@@ -12,6 +12,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the simulated clients; exit 1 if any of them hit an error."""
     if args.clients < 1 or args.rounds < 1 or args.alpha <= 0 or not 0 <= args.dropout <= 1:
         raise ConfigError("need --clients >= 1, --rounds >= 1, --alpha > 0 and 0 <= --dropout <= 1")
+    if not 0 < args.holdout_fraction < 1:
+        raise ConfigError("need 0 < --holdout-fraction < 1")
     if not args.bucket:
         raise ConfigError("--bucket is required (or set FEDBUCKET_BUCKET)")
     config = SimulationConfig(
@@ -29,6 +31,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         task=args.task,
         data=args.data,
+        holdout_fraction=args.holdout_fraction,
     )
     summary = simulate(config)  # impossible roles or partitions raise ConfigError (exit 2)
     return 0 if summary.counts().get("error", 0) == 0 else 1

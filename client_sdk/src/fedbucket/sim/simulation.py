@@ -38,10 +38,8 @@ from fedbucket.protocol.documents import (
     ClientEvaluation,
     EvaluationTask,
     ModelScore,
-    RoundReport,
     RoundTask,
     UpdateManifest,
-    read_optional,
     utcnow,
 )
 from fedbucket.protocol.errors import ConfigError, WaitTimeout
@@ -75,6 +73,7 @@ class SimulationConfig:
     task: str | None = None  # package.module:attribute; None = the built-in digits task
     data: str | None = None  # what the task's load_data reads; None = its example_data(seed)
     validation_fraction: float = 0.2  # of each client's partition, kept for federated evaluation
+    holdout_fraction: float = 0.2  # of the task's example data, left to the server's splits (as init does)
 
     def client_ids(self) -> list[str]:
         return [f"{self.client_prefix}-{i:02d}" for i in range(self.clients)]
@@ -165,15 +164,15 @@ def _write_raw_update(store, task: RoundTask, client_id: str, payload: bytes, nu
 
 
 def simulation_data(config: SimulationConfig) -> Examples:
-    """The examples the simulated clients share out: the task's file or its example data."""
-    from fedbucket.torch.task import load_task
+    """The examples the simulated clients share out: all of ``--data``, or the clients' pool of the
+    task's example data — never the rows ``fedbucket init`` (same seed and holdout fraction)
+    gave the server as its validation and test splits."""
+    from fedbucket.torch.task import example_split, load_task
 
     task = load_task(config.task)
     if config.data is not None:
         return task.load_data(config.data)
-    if task.example_data is None:
-        raise ConfigError(f"task {task.name!r} makes no example data: give --data for its load_data")
-    return task.example_data(config.seed)
+    return example_split(task, seed=config.seed, holdout_fraction=config.holdout_fraction)[0]
 
 
 def _forged_evaluation(attack: str, client_id: str, evaluation: EvaluationTask) -> ClientEvaluation:
@@ -202,15 +201,15 @@ def _forged_evaluation(attack: str, client_id: str, evaluation: EvaluationTask) 
 
 
 def _wait_for_evaluation(client, task: RoundTask, config: SimulationConfig) -> EvaluationTask | None:  # noqa: ANN001
-    """The evaluation task of ``task``'s round once published; ``None`` if the round ended without one."""
+    """The evaluation task of ``task``'s round once published; ``None`` if a newer round opened
+    first (this one was abandoned) or nothing came within the round timeout."""
     give_up = time.monotonic() + config.round_timeout
     while time.monotonic() < give_up:
         evaluation = client.current_evaluation()
         if evaluation is not None and evaluation.round_id == task.round_id:
             return evaluation
-        report, _ = read_optional(client.store, LAYOUT.round_report(task.round_id), RoundReport)
         current = client.current_round()
-        if report is not None or (current is not None and current.round_id != task.round_id):
+        if current is not None and current.round_id != task.round_id:
             return None
         time.sleep(config.poll_interval)
     return None
@@ -230,13 +229,13 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
     torch.set_num_threads(1)
     task_package = load_task(config.task)
     client_number = config.client_ids().index(client_id)
-    train, validation = simulation_data(config).subset(indices).split(config.validation_fraction, seed=client_number)
+    share = simulation_data(config).subset(indices)
+    train, validation = share.split(config.validation_fraction, seed=client_number)
     rng = np.random.default_rng([config.seed, client_number])
     last_round: str | None = None
     with Client(config.bucket_url, client_id, cache_dir=config.cache_dir) as client:
-        participant = Participant(
-            client, task_package, config.task, train, validation, seed=client_number, echo=lambda line: None
-        )
+        participant = Participant(client, task_package, config.task, share, validation, seed=client_number)
+        participant.echo = participant.remember  # the result lines below say what happened
         results.put(ClientReady(client_id))  # torch imported, data loaded: waiting for rounds from here
         for round_index in range(config.rounds):
             try:
@@ -278,13 +277,21 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
                         )
                     result.outcome = "late"
                 else:
+                    # Validation data is kept back only from rounds that ask for scores.
+                    participant.train = train if task.federated_evaluation else share
                     if participant.train_round(task) != "trained":
                         raise RuntimeError(f"training round {task.round_id} failed")
                     metrics = participant.last_metrics
-                    result.num_examples, result.loss, result.accuracy = len(train), metrics["loss"], metrics["accuracy"]
+                    result.num_examples = len(participant.train)
+                    result.loss, result.accuracy = metrics["loss"], metrics["accuracy"]
                     evaluation = _wait_for_evaluation(client, task, config) if task.federated_evaluation else None
-                    if evaluation is not None and participant.evaluate_round(evaluation) == "evaluated":
-                        result.detail = f"scored the candidate on {len(validation)} examples"
+                    if evaluation is not None:
+                        scored = participant.evaluate_round(evaluation)
+                        result.detail = (
+                            f"scored the candidate on {len(validation)} examples"
+                            if scored == "evaluated"
+                            else f"scoring the candidate {scored}: {participant.last_echo}"
+                        )
             except Exception as exc:  # report and carry on: one client's failure is not the federation's
                 result.outcome, result.detail = "error", f"{type(exc).__name__}: {exc}"
             results.put(result)

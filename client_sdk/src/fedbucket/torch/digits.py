@@ -14,16 +14,18 @@ from fedbucket.torch.task import Examples, Task, examples_from
 from fedbucket.torch.zoo import ZOO
 
 
-def digits(*, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Examples, Examples]:
-    """``(train, holdout)``: a stratified split of the 1,797 digits, the same for a given seed."""
+def all_digits(seed: int = 0) -> Examples:
+    """All 1,797 digits (``seed`` is unused: the data is fixed)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int64)
-    x_tr, x_ho, y_tr, y_ho = train_test_split(x, y, test_size=holdout_fraction, random_state=seed, stratify=y)
-    return Examples(x_tr, y_tr), Examples(x_ho, y_ho)
+    return Examples((data.data / 16.0).astype(np.float32), data.target.astype(np.int64))
+
+
+def digits(*, holdout_fraction: float = 0.2, seed: int = 0) -> tuple[Examples, Examples]:
+    """``(train, holdout)``: the split :func:`~fedbucket.torch.task.example_split` makes, so the
+    clients' pool and the server's validation and test halves never overlap."""
+    return all_digits().split(holdout_fraction, seed=seed)
 
 
 def load_digits_file(source: str) -> Examples:
@@ -36,5 +38,5 @@ TASK = Task(
     num_classes=10,
     models=ZOO,
     load_data=load_digits_file,
-    example_data=lambda seed: digits(seed=seed)[0],
+    example_data=all_digits,
 )

@@ -8,7 +8,8 @@ to do, so a client that starts late, restarts or misses a phase simply picks up 
 
 The client runs the task *it* was given and refuses any round whose model names another task
 (the bucket never makes a client import code). Every refusal or failure is a line, never a crash:
-one bad round does not stop the client.
+one bad round does not stop the client; a storage failure is tried again at the next look. A
+restarted client finds its own committed update or scores in the bucket and does not redo them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedbucket.client.sdk import Client
-from fedbucket.protocol.documents import EvaluationTask, ModelSpec, RoundReport, RoundTask, read_optional, utcnow
-from fedbucket.protocol.errors import ConfigError, FedbucketError, WaitTimeout
+from fedbucket.protocol.documents import EvaluationTask, ModelSpec, RoundTask, read_optional, utcnow
+from fedbucket.protocol.errors import ChecksumMismatch, ConfigError, FedbucketError, StorageError, WaitTimeout
 from fedbucket.protocol.tensors import load_tensors
-from fedbucket.torch.task import Examples, Task
+from fedbucket.torch.task import DIGITS_TASK, Examples, Task
 from fedbucket.torch.training import load_global_weights
 
 
@@ -63,40 +64,68 @@ class Participant:
     progress: Callable[[str], None] | None = None
     log: ParticipationLog = field(default_factory=ParticipationLog)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    last_echo: str = ""
     _handled: set[tuple[str, str]] = field(default_factory=set)
     _tasks: dict[str, RoundTask] = field(default_factory=dict)
 
+    def remember(self, line: str) -> None:
+        """An ``echo`` that only keeps the last line (for callers that report in their own words)."""
+        self.last_echo = line
+
     def _ours(self, model: ModelSpec, round_id: str) -> bool:
-        if model.task == self.task_reference or (model.task is None and self.task_reference is None):
+        if (model.task or DIGITS_TASK) == (self.task_reference or DIGITS_TASK):
             return True
         if ("refuse", round_id) not in self._handled:
             self._handled.add(("refuse", round_id))
             self.log.refused.append(round_id)
             self.echo(
-                f"round {round_id}: refused — it trains task {model.task or 'digits (built-in)'!r}, "
-                f"this client runs {self.task_reference or 'digits (built-in)'!r}"
+                f"round {round_id}: refused — it trains task {model.task or DIGITS_TASK!r}, "
+                f"this client runs {self.task_reference or DIGITS_TASK!r}"
             )
         return False
 
     def step(self) -> str | None:
-        """Look at the bucket once and do what it asks (train, or evaluate); returns what was done."""
+        """Look at the bucket once and do what it asks (train, or evaluate); returns what was done.
+
+        A round this client already answered (in this process, or before a restart: its committed
+        update or evaluation is in the bucket) is not answered again. A step that failed for a
+        storage reason is tried again at the next look, until the deadline.
+        """
         task = self.client.current_round()
-        if task is not None and ("train", task.round_id) not in self._handled and self._ours(task.model, task.round_id):
-            self._handled.add(("train", task.round_id))
+        if task is not None and utcnow() < task.deadline and self._ours(task.model, task.round_id):
             self._tasks[task.round_id] = task
-            return self.train_round(task)
+            if ("train", task.round_id) not in self._handled:
+                self._handled.add(("train", task.round_id))
+                submitted = self.client.submitted(task.round_id)
+                if submitted is not None and submitted.base_model_version == task.base_model_version:
+                    self.log.trained.append(task.round_id)
+                    self.echo(f"round {task.round_id}: this client's update is already in the bucket")
+                    return "trained"
+                return self._retry_on_storage_error(("train", task.round_id), self.train_round, task)
         evaluation = self.client.current_evaluation() if self.validation is not None else None
         if (
             evaluation is not None
-            and ("evaluate", evaluation.round_id) not in self._handled
             and self._ours(evaluation.model, evaluation.round_id)
+            and ("evaluate", evaluation.round_id) not in self._handled
         ):
             self._handled.add(("evaluate", evaluation.round_id))
-            return self.evaluate_round(evaluation)
+            done = self.client.evaluated(evaluation.round_id)
+            if done is not None and done.candidate_sha256 == evaluation.candidate_sha256:
+                self.log.evaluated.append(evaluation.round_id)
+                self.echo(f"round {evaluation.round_id}: this client's scores are already in the bucket")
+                return "evaluated"
+            return self._retry_on_storage_error(("evaluate", evaluation.round_id), self.evaluate_round, evaluation)
         return None
 
+    def _retry_on_storage_error(self, key: tuple[str, str], step: Callable, document: object) -> str:
+        outcome = step(document)
+        if outcome == "retry":
+            self._handled.discard(key)
+        return outcome
+
     def train_round(self, task: RoundTask) -> str:
-        """Fetch, train, submit for one round; returns ``trained`` or ``failed`` (a line says why)."""
+        """Fetch, train, submit for one round. Returns ``trained``, ``failed`` (a line says why) or
+        ``retry`` (the bucket could not be reached: worth another try before the deadline)."""
         started = time.monotonic()
         try:
             model = self.task.build_model(task.model)
@@ -104,10 +133,8 @@ class Participant:
             seed = int(np.random.default_rng([self.seed, len(self.log.trained)]).integers(2**31))
             metrics = self.task.fit(model, self.train, task.training, seed=seed)
             self.client.submit(task, model.state_dict(), num_examples=len(self.train), metrics=metrics)
-        except FedbucketError as exc:
-            self.log.failed.append(task.round_id)
-            self.echo(f"round {task.round_id}: not submitted — {exc}")
-            return "failed"
+        except Exception as exc:  # a round's failure, even in the task's own code, is a line, not a crash
+            return self._failed(task.round_id, "not submitted", exc)
         self.log.trained.append(task.round_id)
         self.last_metrics = metrics
         figures = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
@@ -118,20 +145,23 @@ class Participant:
         return "trained"
 
     def evaluate_round(self, evaluation: EvaluationTask) -> str:
-        """Score candidate and base on the validation data and submit; ``evaluated`` or ``failed``."""
-        assert self.validation is not None
+        """Score candidate and base on the validation data and submit: ``evaluated``, ``failed`` or ``retry``."""
+        if self.validation is None:
+            raise ConfigError("this client holds no validation data to score candidates with")
         try:
             candidate = self.task.build_model(evaluation.model)
             load_global_weights(candidate, self.client.fetch_candidate(evaluation))
             base = self.task.build_model(evaluation.model)
-            base_weights = self.client.fetch_model_file(evaluation.base_model_version)
-            load_global_weights(base, load_tensors(base_weights))
+            base_file = self.client.fetch_model_file(evaluation.base_model_version)
+            if evaluation.base_model_sha256 not in base_file.name:
+                raise ChecksumMismatch(
+                    f"the evaluation names base sha256 {evaluation.base_model_sha256}, not {base_file.name}"
+                )
+            load_global_weights(base, load_tensors(base_file))
             ours, theirs = self.task.score(candidate, self.validation), self.task.score(base, self.validation)
             self.client.submit_evaluation(evaluation, candidate=ours, current=theirs)
-        except FedbucketError as exc:
-            self.log.failed.append(evaluation.round_id)
-            self.echo(f"round {evaluation.round_id}: evaluation not submitted — {exc}")
-            return "failed"
+        except Exception as exc:  # as in train_round
+            return self._failed(evaluation.round_id, "evaluation not submitted", exc)
         self.log.evaluated.append(evaluation.round_id)
         n = ours.examples
         self.echo(
@@ -140,24 +170,35 @@ class Participant:
         )
         return "evaluated"
 
+    def _failed(self, round_id: str, what: str, exc: Exception) -> str:
+        if isinstance(exc, StorageError):  # the bucket, not the round: look again
+            self.echo(f"round {round_id}: {what} — {exc}; trying again")
+            return "retry"
+        self.log.failed.append(round_id)
+        self.echo(f"round {round_id}: {what} — {type(exc).__name__}: {exc}" if not isinstance(exc, FedbucketError)
+                  else f"round {round_id}: {what} — {exc}")  # fmt: skip
+        return "failed"
+
     def finished(self, round_id: str) -> bool:
-        """Whether round ``round_id`` needs nothing more from this client: it evaluated it, the
-        round asks no evaluation (or this client has no validation data), or the round is over
-        (its report exists, or a newer round opened)."""
-        if ("evaluate", round_id) in self._handled:
+        """Whether round ``round_id`` needs nothing more from this client: it scored the candidate,
+        the round asks for no scores (or this client has no validation data), the scoring deadline
+        passed, or a newer round opened. (An abandoned round ends when the next one opens.)"""
+        if round_id in self.log.evaluated:
             return True
         task = self._tasks.get(round_id)
         if task is not None and (not task.federated_evaluation or self.validation is None):
             return True
-        report, _ = read_optional(self.client.store, self.client.layout.round_report(round_id), RoundReport)
+        evaluation, _ = read_optional(self.client.store, self.client.layout.evaluation_task(round_id), EvaluationTask)
+        if evaluation is not None and utcnow() >= evaluation.deadline:
+            return True
         current = self.client.current_round()
-        return report is not None or (current is not None and current.round_id != round_id)
+        return current is not None and current.round_id != round_id
 
     def run(
         self, *, rounds: int | None = None, timeout: float | None = None, stop: threading.Event | None = None
     ) -> ParticipationLog:
-        """Loop until ``rounds`` rounds were trained and finished, ``stop`` is set, or no round
-        came for ``timeout`` seconds (:class:`WaitTimeout`)."""
+        """Loop until ``rounds`` rounds were trained and finished, ``stop`` is set, or nothing
+        was asked for ``timeout`` seconds (:class:`WaitTimeout`)."""
         stop = stop or threading.Event()
         idle_since = time.monotonic()
         while not stop.is_set():
@@ -220,4 +261,4 @@ def cmd_participate(args: argparse.Namespace) -> int:
         f"{args.client_id}: trained {len(log.trained)} round(s), evaluated {len(log.evaluated)}, "
         f"refused {len(log.refused)}, failed {len(log.failed)}"
     )
-    return 1 if log.failed else 0
+    return 1 if log.failed else 0  # Ctrl-C included: 0 unless a round failed on the way

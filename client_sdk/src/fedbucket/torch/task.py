@@ -156,7 +156,7 @@ class Task:
         true_positive = np.zeros(classes, dtype=np.int64)
         predicted = np.zeros(classes, dtype=np.int64)
         actual = np.zeros(classes, dtype=np.int64)
-        loss_sum = 0.0
+        loss_sum, non_finite = 0.0, 0
         model.eval()
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
@@ -168,7 +168,10 @@ class Task:
                 if y.size and (y.min() < 0 or y.max() >= classes):
                     raise ConfigError(f"task {self.name!r}: labels must be in 0..{classes - 1}")
                 labels = torch.from_numpy(y.copy())
-                loss_sum += float(torch.nn.functional.cross_entropy(logits.double(), labels, reduction="sum"))
+                losses = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
+                finite = torch.isfinite(losses)
+                non_finite += int((~finite).sum())  # a diverged model: counted, so its metrics say "not finite"
+                loss_sum += float(losses[finite].sum())
                 guess = logits.argmax(dim=1).numpy()
                 np.add.at(true_positive, y[guess == y], 1)
                 np.add.at(predicted, guess, 1)
@@ -176,6 +179,7 @@ class Task:
         return ModelScore(
             examples=len(examples),
             loss_sum=loss_sum,
+            non_finite=non_finite,
             true_positive=true_positive.tolist(),
             false_positive=(predicted - true_positive).tolist(),
             false_negative=(actual - true_positive).tolist(),
@@ -205,6 +209,18 @@ def load_task(reference: str | None) -> Task:
     if not isinstance(task, Task):
         raise ConfigError(f"{reference} is {type(task).__name__}, not a fedbucket.torch.task.Task")
     return task
+
+
+def example_split(task: Task, *, seed: int, holdout_fraction: float) -> tuple[Examples, Examples, Examples]:
+    """``(clients' pool, validation, test)`` of the task's example data: the one split that
+    ``fedbucket init`` (the server's splits) and ``fedbucket simulate`` (the clients' data) share,
+    so that with the same seed and fraction they never overlap. ``holdout_fraction`` of the data
+    is held out and halved into validation and test."""
+    if task.example_data is None:
+        raise ConfigError(f"task {task.name!r} makes no example data; give the data files explicitly")
+    pool, held_out = task.example_data(seed).split(holdout_fraction, seed=seed)
+    test, validation = held_out.split(0.5, seed=seed)
+    return pool, validation, test
 
 
 def task_for(spec: ModelSpec) -> Task:
