@@ -188,7 +188,9 @@ class Task:
 
 @functools.cache
 def load_task(reference: str | None) -> Task:
-    """Import the task ``package.module:attribute`` (``None``: the built-in digits task).
+    """Import the task ``package.module:attribute`` (``None``: the built-in digits task). The
+    attribute is a :class:`Task`, or a function of no arguments that returns one (called once:
+    the result is cached per process).
 
     A bad reference is a :class:`ConfigError` that says where the task must be importable.
     """

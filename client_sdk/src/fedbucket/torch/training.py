@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedbucket.protocol.documents import TrainingConfig
+from fedbucket.torch.task import default_forward
 
 if TYPE_CHECKING:
     from fedbucket.torch.task import Examples
@@ -56,7 +57,7 @@ def train_local(
     A task with its own recipe (another optimiser, its ``training.extra`` options) passes its own
     function with this signature as ``Task.train``.
     """
-    forward = forward or (lambda m, x: m(x))
+    forward = forward or default_forward
     generator = torch.Generator().manual_seed(seed)
     xs, ys = torch.from_numpy(examples.x), torch.from_numpy(examples.y)
     optimiser = torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=0.9)
@@ -80,7 +81,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``examples``."""
     model.eval()
-    logits = (forward or (lambda m, x: m(x)))(model, torch.from_numpy(examples.x))
+    logits = (forward or default_forward)(model, torch.from_numpy(examples.x))
     labels = torch.from_numpy(examples.y)
     loss = nn.functional.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
