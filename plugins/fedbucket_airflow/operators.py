@@ -120,12 +120,12 @@ class OpenRoundOperator(BaseOperator):
             raise AirflowFailException(f"invalid run parameters: {exc}") from None
 
 
-class RequestEvaluationOperator(BaseOperator):
-    """Publish the round's candidate for federated evaluation: ``rounds/<round>/evaluation-task.json``
-    (deadline, quorum, bounds from the run's ``[evaluation]`` settings) and the round pointer set
-    to ``evaluating``, so clients score it on their own validation data. Idempotent.
+class RoundStepOperator(BaseOperator):
+    """Base of the steps after publish: they take the run's settings (the publish step's XCom,
+    templated) and talk to the federation's bucket through :class:`FederationHook`.
 
     :param settings: the run's settings from the publish step (templated).
+    :param gcp_conn_id: see :class:`~fedbucket_airflow.hooks.FederationHook`.
     """
 
     template_fields: Sequence[str] = ("settings",)
@@ -135,11 +135,22 @@ class RequestEvaluationOperator(BaseOperator):
         self.settings = settings
         self.gcp_conn_id = gcp_conn_id
 
+    def run_and_store(self) -> tuple[RunSettings, ObjectStore]:
+        """The run's settings (parsed after templating) and a store on its bucket."""
+        run = RunSettings.model_validate(self.settings)
+        return run, FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+
+
+class RequestEvaluationOperator(RoundStepOperator):
+    """Publish the round's candidate for federated evaluation: ``rounds/<round>/evaluation-task.json``
+    (deadline, quorum, bounds from the run's ``[evaluation]`` settings) and the round pointer set
+    to ``evaluating``, so clients score it on their own validation data. Idempotent.
+    """
+
     def execute(self, context: Context) -> dict[str, Any]:
         from fedbucket.torch.task import task_for
 
-        run = RunSettings.model_validate(self.settings)
-        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        run, store = self.run_and_store()
         aggregation, _ = read_optional(store, LAYOUT.aggregation_report(run.round_id), AggregationReport)
         if aggregation is None or aggregation.status != "aggregated":
             raise AirflowSkipException(f"round {run.round_id} has no candidate: nothing to evaluate")
@@ -232,7 +243,7 @@ class LocalSparkSubmitOperator(BaseOperator):
             raise AirflowException(f"{name} failed with exit code {process.returncode}")
 
 
-class PromoteCandidateOperator(BaseOperator):
+class PromoteCandidateOperator(RoundStepOperator):
     """Apply the gate to the evaluation and, if it passes, promote the candidate.
 
     The task's state is the round's outcome where an operator looks: *success* means this task
@@ -241,20 +252,10 @@ class PromoteCandidateOperator(BaseOperator):
     gate refused, the round was below quorum, another model became current first, or an earlier
     run already promoted it — the log and the round report say which). A storage failure fails
     the task (and is retried); its message goes to the round report.
-
-    :param settings: the run's settings from the publish step (templated).
     """
 
-    template_fields: Sequence[str] = ("settings",)
-
-    def __init__(self, *, settings: dict[str, Any] | str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-        self.gcp_conn_id = gcp_conn_id
-
     def execute(self, context: Context) -> dict[str, Any]:
-        run = RunSettings.model_validate(self.settings)
-        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        run, store = self.run_and_store()
         aggregation, _ = read_optional(store, LAYOUT.aggregation_report(run.round_id), AggregationReport)
         if aggregation is not None and aggregation.status == "below_quorum":
             raise AirflowSkipException(f"round {run.round_id} is below quorum after validation: nothing to promote")
@@ -284,26 +285,16 @@ class PromoteCandidateOperator(BaseOperator):
         return {"promoted": manifest.version}
 
 
-class RoundReportOperator(BaseOperator):
+class RoundReportOperator(RoundStepOperator):
     """Write ``rounds/<round>/report.json`` from what the round left in the bucket, and log a summary.
 
     Meant as the DAG's teardown: it runs whatever happened upstream (a failed step gets a report
     with status ``failed`` naming the step), while the run's own state still follows the steps.
     The status follows the bucket (``promoted`` only if the pointer moved), never a task's say-so.
-
-    :param settings: the run's settings from the publish step (templated).
     """
 
-    template_fields: Sequence[str] = ("settings",)
-
-    def __init__(self, *, settings: dict[str, Any] | str, gcp_conn_id: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-        self.gcp_conn_id = gcp_conn_id
-
     def execute(self, context: Context) -> dict[str, Any]:
-        run = RunSettings.model_validate(self.settings)
-        store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
+        run, store = self.run_and_store()
         promote_error = context["ti"].xcom_pull(task_ids="promote", key="error")
         report = build_round_report(
             store, run.round_id, run.gate, promote_error=promote_error if isinstance(promote_error, str) else None
@@ -320,5 +311,6 @@ __all__ = [
     "PromoteCandidateOperator",
     "RequestEvaluationOperator",
     "RoundReportOperator",
+    "RoundStepOperator",
     "current_model_asset",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,7 +49,7 @@ from fedbucket.protocol.errors import (
     UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
-from fedbucket.protocol.storage import ObjectStore
+from fedbucket.protocol.storage import ObjectInfo, ObjectStore
 from fedbucket.protocol.tensors import read_header_file, save_tensors
 from fedbucket.protocol.validation import (
     check_client_evaluation,
@@ -284,16 +284,34 @@ def survey_round(
     checks of :func:`~fedbucket.protocol.validation.precheck_update` on each; payload data is
     validated by aggregation. Garbage cannot fill a round: it is rejected here, before the quorum."""
     listing = list_update_manifests(store, task.round_id, layout=layout)
+
+    def judge(name: str) -> ClosedUpdate:
+        manifest, committed_at = read_update_manifest(store, name, layout=layout)
+        return precheck_update(store, task, manifest, committed_at, layout=layout)
+
     survey = RoundSurvey(ignored=listing.ignored)
-    for info in listing.manifests:
+    _fill_survey(survey, listing.manifests, layout.parse_update_manifest, judge, cache)
+    return survey
+
+
+def _fill_survey(
+    survey: Survey,
+    objects: list[ObjectInfo],
+    parse_name: Callable[[str], tuple[str, str]],
+    judge: Callable[[str], ClosedT],
+    cache: dict[tuple[str, int], ClosedT] | None,
+) -> None:
+    """Judge each listed object (``judge`` reads and checks it, raising :class:`UpdateRejected`)
+    into ``survey``: on time, or rejected with its code. Judged objects are remembered in ``cache``
+    by (name, generation), so a waiting step re-reads only what changed."""
+    for info in objects:
         cached = cache.get((info.name, info.generation)) if cache is not None else None
         if cached is not None:
             survey.on_time.append(cached)
             continue
-        client_id, _ = layout.parse_update_manifest(info.name)
+        client_id, _ = parse_name(info.name)
         try:
-            manifest, committed_at = read_update_manifest(store, info.name, layout=layout)
-            closed = precheck_update(store, task, manifest, committed_at, layout=layout)
+            closed = judge(info.name)
         except UpdateRejected as exc:
             survey.rejected.append(rejection_verdict(client_id, exc, getattr(exc, "committed_at", None)))
             continue
@@ -305,7 +323,6 @@ def survey_round(
         survey.on_time.append(closed)
         if cache is not None:
             cache[(info.name, info.generation)] = closed
-    return survey
 
 
 def wait_decision(survey: Survey, *, now: datetime, deadline: datetime, settings: WaitSettings) -> str | None:
@@ -421,28 +438,14 @@ def survey_evaluations(
 ) -> EvaluationSurvey:
     """Read and check every client evaluation of the round (listed by round)."""
     listing = list_client_evaluations(store, task.round_id, layout=layout)
+
+    def judge(name: str) -> ClosedEvaluation:
+        report, committed_at = read_client_evaluation(store, name, layout=layout)
+        check_client_evaluation(task, report, committed_at)
+        return ClosedEvaluation(report=report, committed_at=committed_at)
+
     survey = EvaluationSurvey(ignored=listing.ignored)
-    for info in listing.manifests:
-        cached = cache.get((info.name, info.generation)) if cache is not None else None
-        if cached is not None:
-            survey.on_time.append(cached)
-            continue
-        client_id, _ = layout.parse_client_evaluation(info.name)
-        try:
-            report, committed_at = read_client_evaluation(store, info.name, layout=layout)
-            check_client_evaluation(task, report, committed_at)
-        except UpdateRejected as exc:
-            survey.rejected.append(rejection_verdict(client_id, exc, getattr(exc, "committed_at", None)))
-            continue
-        except ObjectNotFound:
-            continue
-        except StorageError as exc:
-            survey.rejected.append(rejection_verdict(client_id, InvalidManifest(f"unreadable: {exc}")))
-            continue
-        closed = ClosedEvaluation(report=report, committed_at=committed_at)
-        survey.on_time.append(closed)
-        if cache is not None:
-            cache[(info.name, info.generation)] = closed
+    _fill_survey(survey, listing.manifests, layout.parse_client_evaluation, judge, cache)
     return survey
 
 
