@@ -63,10 +63,10 @@ def main() -> int:
         "Measured with `make results` (`examples/results.py`): 10 simulated clients (separate processes, PyTorch),",
         "scikit-learn's 8x8 digits split 80/20 into the clients' data and a held-out share (halved into the server's",
         "validation split, on which the accuracy below is measured and the gate compares, and a test split);",
-        "the clients' part dealt to the",
-        "clients by a Dirichlet(0.5) label split (non-IID, seed 0); an MLP with 64 hidden units; each round every",
+        "the clients' part dealt to the clients by a Dirichlet(0.5) label split (non-IID, seed 0); an MLP with",
+        "64 hidden units; each round every",
         "client trains 2 local epochs (SGD, momentum 0.9, lr 0.05, batch 16) and the DAG aggregates with FedAvg,",
-        "evaluates on the held-out split with Spark and promotes through the gate (accuracy, tolerance 0.1).",
+        "evaluates on the validation split with Spark and promotes through the gate (accuracy, tolerance 0.1).",
         "",
         f"- Federated (the DAG): **{federated_outcome}**; "
         f"best held-out accuracy {max((r['accuracy'] or 0) for r in rows):.3f}.",
