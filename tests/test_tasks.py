@@ -168,7 +168,8 @@ def test_training_extra_is_checked_against_the_task():
 def test_participate_trains_scores_and_refuses_other_tasks(tmp_path):
     """Two long-running clients: one runs the federation's task (trains, then scores the
     candidate, then exits after --rounds 1); one runs another task, refuses the round and stops
-    cleanly on Ctrl-C."""
+    cleanly on Ctrl-C — also when started with SIGINT ignored, as background jobs of a
+    non-interactive shell are."""
     from fedbucket.torch.digits import digits
 
     bucket = (tmp_path / "bucket").as_uri()
@@ -192,6 +193,7 @@ def test_participate_trains_scores_and_refuses_other_tasks(tmp_path):
     other = subprocess.Popen(
         [FEDBUCKET, "participate", "--client-id", "site-b", "--task", TEXT_TASK, "--data", str(corpus), *common],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `cmd &` in a script leaves it
     )  # fmt: skip
     try:
         # A client reports what it holds before it waits: the round opens once both are up.
@@ -206,9 +208,9 @@ def test_participate_trains_scores_and_refuses_other_tasks(tmp_path):
         assert "trained 1 round(s), evaluated 1" in out
         assert store.exists(LAYOUT.client_evaluation("site-a", "p-1"))
         assert not store.exists(LAYOUT.update_manifest("site-b", "p-1"))
-        other.send_signal(signal.SIGINT)
+        other.send_signal(signal.SIGINT)  # Ctrl-C (handled even where SIGINT was inherited ignored)
         out, err = other.communicate(timeout=EVENT_TIMEOUT)
-        assert "round p-1: refused" in out and "stopped (Ctrl-C)" in out, out + err
+        assert other.returncode == 0 and "round p-1: refused" in out and "stopped (SIGINT)" in out, out + err
         assert "Traceback" not in err
     finally:
         for process in (ours, other):

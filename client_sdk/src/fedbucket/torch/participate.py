@@ -15,6 +15,7 @@ restarted client finds its own committed update or scores in the bucket and does
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 import time
@@ -216,6 +217,23 @@ class Participant:
         return self.log
 
 
+def _stop_on_signals(received: list[str]) -> threading.Event:
+    """An event set by SIGINT (Ctrl-C) or SIGTERM (a service manager stopping the client): the loop
+    ends after the step it is in; ``received`` gets the signal's name. Installed explicitly,
+    because a process started in the background by a non-interactive shell inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt. (The handler only sets the event:
+    printing from a signal handler can interrupt a print in progress.)"""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    return stop
+
+
 def cmd_participate(args: argparse.Namespace) -> int:
     """``fedbucket participate``: the loop above, with a progress line and a clean Ctrl-C."""
     from fedbucket.torch.task import load_task
@@ -252,13 +270,12 @@ def cmd_participate(args: argparse.Namespace) -> int:
             f"{args.client_id}: task {task.name} ({args.task or 'built-in'}), {len(train)} training and "
             f"{len(validation) if validation else 0} validation examples; waiting for rounds at {client.store.url}"
         )
-        try:
-            log = participant.run(rounds=args.rounds or None)
-        except KeyboardInterrupt:
-            log = participant.log
-            echo("stopped (Ctrl-C)")
+        received: list[str] = []
+        log = participant.run(rounds=args.rounds or None, stop=_stop_on_signals(received))
+        if received:
+            echo(f"stopped ({received[0]})")
     echo(
         f"{args.client_id}: trained {len(log.trained)} round(s), evaluated {len(log.evaluated)}, "
         f"refused {len(log.refused)}, failed {len(log.failed)}"
     )
-    return 1 if log.failed else 0  # Ctrl-C included: 0 unless a round failed on the way
+    return 1 if log.failed else 0  # stopped by a signal included: 0 unless a round failed on the way
