@@ -66,7 +66,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
         f'source = "{gate_source}"',
         "",
         "[evaluation]",
-        "deadline_seconds = 120",
+        "deadline_seconds = 600",  # generous: the wait ends when all clients scored, not at the deadline
         f"min_clients = {evaluation_min_clients}",
         "max_clients = 4",
         "settle_seconds = 3",
@@ -419,7 +419,7 @@ def test_a_federation_without_server_data_gates_on_federated_evaluation(store_ur
     # Every wait needs all four clients (no race between a slow fourth client and an early close).
     config_path = write_config(
         tmp_path, store_url, gate_source="federated", gate_tolerance=0.0, min_clients=4, max_clients=4,
-        evaluation_min_clients=4,
+        evaluation_min_clients=4, deadline_seconds=600,
     )  # fmt: skip
     behaviours = {"c0": "honest", "c1": "honest", "c2": "honest", "c3": "forger"}
     with Clients(store_url, tmp_path / "clients", behaviours):

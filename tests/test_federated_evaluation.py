@@ -174,3 +174,18 @@ def test_a_client_sees_no_evaluation_past_its_deadline(store, store_url, tmp_pat
     request_evaluation(store, "r", settings, num_classes=4, opened_at=utcnow() - timedelta(seconds=5))
     with Client(store_url, "site-a", cache_dir=tmp_path / "cache") as client:
         assert client.current_evaluation() is None
+
+
+@pytest.mark.parametrize("store_url", ["file"], indirect=True)
+def test_a_closing_larger_than_a_client_document_reads_back(store):
+    """Many 1,000-class reports make a closing over the 4 MiB a client document may have: the
+    server reads its own closing with the larger bound (a re-run finds it instead of failing)."""
+    classes = [999_999] * 1000
+    big = ModelScore(
+        examples=10**9, loss_sum=1.0, true_positive=classes, false_positive=classes, false_negative=classes
+    )
+    frozen = closing(*[(f"c{i:02d}", big, big) for i in range(40)])
+    write_document(store, LAYOUT.evaluation_closing("r"), frozen)
+    assert store.stat(LAYOUT.evaluation_closing("r")).size > 4 * 1024 * 1024
+    task = scoring_task(trim=0.0, min_reports=1)
+    assert freeze_evaluations(store, task, reason="quorum", closed_at=utcnow()) == frozen

@@ -12,6 +12,7 @@ from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from fedbucket.protocol.documents import (
+    MAX_EVALUATION_CLOSING_BYTES,
     EvaluationClosing,
     EvaluationTask,
     RoundClosing,
@@ -85,8 +86,15 @@ class RoundQuorumSensor(BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         run = self.run_settings
         store = self.store
-        closing_name = (LAYOUT.round_closing if self.phase == "updates" else LAYOUT.evaluation_closing)(run.round_id)
-        closing, _ = read_optional(store, closing_name, RoundClosing if self.phase == "updates" else EvaluationClosing)
+        if self.phase == "updates":
+            closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
+        else:
+            closing, _ = read_optional(
+                store,
+                LAYOUT.evaluation_closing(run.round_id),
+                EvaluationClosing,
+                max_bytes=MAX_EVALUATION_CLOSING_BYTES,
+            )
         if closing is not None:
             self.log.info("round %s: %s were frozen by an earlier run; using them", run.round_id, self.phase)
             return PokeReturnValue(True, self._finish(run, closing.reason))

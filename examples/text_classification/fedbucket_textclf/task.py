@@ -22,7 +22,7 @@ from torch import nn
 
 from fedbucket.protocol.documents import TrainingConfig
 from fedbucket.torch.task import Examples, Task
-from fedbucket.torch.training import ProximalTerm, evaluate
+from fedbucket.torch.training import run_epochs
 from fedbucket_textclf.data import examples_from_rows, generate_corpus, read_csv
 from fedbucket_textclf.model import NgramClassifier
 
@@ -59,15 +59,13 @@ def train_adamw(
     """This task's recipe (``Task.train``): AdamW by default (``training.extra``: :class:`TrainingExtra`)
     for ``training.local_epochs`` passes of shuffled mini-batches, plus the FedProx term when
     ``training.proximal_mu > 0``. Trains ``model`` in place; returns its loss and accuracy on
-    ``examples`` (unweighted, so they compare across option settings).
+    ``examples``.
 
-    Deterministic for a given ``seed`` on one machine: the shuffles come from a seeded generator.
+    Deterministic for a given ``seed`` on one machine: the loop is fedbucket's ``run_epochs``
+    (seeded shuffles), with this task's optimiser and class-weighted loss.
     """
-    forward = forward or (lambda m, x: m(x))
     # Task.fit validated these already; parsing again gives typed options (and guards a direct call).
     options = TrainingExtra.model_validate(training.extra, strict=True)
-    generator = torch.Generator().manual_seed(seed)
-    xs, ys = torch.from_numpy(examples.x), torch.from_numpy(examples.y)
     if options.optimizer == "adamw":
         optimiser: torch.optim.Optimizer = torch.optim.AdamW(
             model.parameters(), lr=training.learning_rate, weight_decay=options.weight_decay
@@ -78,17 +76,8 @@ def train_adamw(
         )
     # Class weights in label order (not offensive, offensive): the task is binary.
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, options.class_weight_offensive]))
-    proximal = ProximalTerm(model, training.proximal_mu)  # anchored at the weights the round started from
-    model.train()
-    for _ in range(training.local_epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        for start in range(0, len(xs), training.batch_size):
-            batch = order[start : start + training.batch_size]
-            optimiser.zero_grad()
-            loss = loss_fn(forward(model, xs[batch]), ys[batch]) + proximal()
-            loss.backward()
-            optimiser.step()
-    return evaluate(model, examples, forward=forward)
+    # fedbucket's loop: seeded shuffles, mini-batches, the FedProx term anchored at the round's weights.
+    return run_epochs(model, examples, training, optimiser, loss_fn, seed=seed, forward=forward)
 
 
 def example_examples(seed: int) -> Examples:

@@ -415,8 +415,9 @@ class ClosedEvaluation(BaseModel):
     _tz = field_validator("committed_at")(_utc)
 
 
-#: The evaluation closing holds every accepted report inline (a few KiB each; ~60 KiB at 1,000
-#: classes), so the server reads it with this larger bound; it writes none larger.
+#: The evaluation closing holds every accepted report inline (measured: about 1 KiB per report at
+#: 2 classes, 121 KiB at 1,000 classes with 6-digit counts, so ~540 such reports), so the server
+#: reads it with this larger bound; it refuses to write one larger.
 MAX_EVALUATION_CLOSING_BYTES = 64 * 1024 * 1024
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    MAX_EVALUATION_CLOSING_BYTES,
     ClassMetrics,
     EvaluationClosing,
     EvaluationReport,
@@ -294,7 +295,9 @@ def run_evaluation(
         )
         test = metrics_from_score(candidate.version, scores["candidate"])
         log(f"test split (reported only), {rows} examples: candidate {_line(test)}")
-    closing, _ = read_optional(store, layout.evaluation_closing(round_id), EvaluationClosing)
+    closing, _ = read_optional(
+        store, layout.evaluation_closing(round_id), EvaluationClosing, max_bytes=MAX_EVALUATION_CLOSING_BYTES
+    )
     if closing is not None:
         task, _ = read_document(store, layout.evaluation_task(round_id), EvaluationTask)
         federated = federated_metrics(closing, task, metric=metric, candidate_version=candidate.version)

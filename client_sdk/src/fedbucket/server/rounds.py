@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    MAX_EVALUATION_CLOSING_BYTES,
     ClosedEvaluation,
     ClosedUpdate,
     EvaluationClosing,
@@ -455,13 +456,26 @@ def freeze_evaluations(
     """Close the pointer, then write ``rounds/<round>/evaluation-closing.json`` once (as
     :func:`freeze_round`): the scores the gate uses, frozen inline."""
     close_round(store, task.round_id, layout=layout)
-    existing, _ = read_optional(store, layout.evaluation_closing(task.round_id), EvaluationClosing)
+    existing, _ = read_optional(
+        store, layout.evaluation_closing(task.round_id), EvaluationClosing, max_bytes=MAX_EVALUATION_CLOSING_BYTES
+    )
     if existing is None:
         survey = survey_evaluations(store, task, layout=layout)
         closing = survey.closing(task.round_id, reason=reason, closed_at=closed_at)
+        size = len(closing.to_json_bytes())
+        if size > MAX_EVALUATION_CLOSING_BYTES:  # it could never be read back: say so now, write nothing
+            raise ConfigError(
+                f"{len(closing.reports)} client evaluations of {task.num_classes} classes make a closing of "
+                f"{size} bytes, more than {MAX_EVALUATION_CLOSING_BYTES}; set [evaluation] max_clients lower"
+            )
         try:
             write_document(store, layout.evaluation_closing(task.round_id), closing, if_generation_match=0)
             existing = closing
         except PreconditionFailed:
-            existing, _ = read_document(store, layout.evaluation_closing(task.round_id), EvaluationClosing)
+            existing, _ = read_document(
+                store,
+                layout.evaluation_closing(task.round_id),
+                EvaluationClosing,
+                max_bytes=MAX_EVALUATION_CLOSING_BYTES,
+            )
     return existing

@@ -7,7 +7,14 @@
 """
 
 from fedbucket.torch.task import Examples, Task, build_model, load_task
-from fedbucket.torch.training import ProximalTerm, evaluate, load_global_weights, state_dict_to_numpy, train_local
+from fedbucket.torch.training import (
+    ProximalTerm,
+    evaluate,
+    load_global_weights,
+    run_epochs,
+    state_dict_to_numpy,
+    train_local,
+)
 
 __all__ = [
     "Examples",
@@ -17,6 +24,7 @@ __all__ = [
     "evaluate",
     "load_global_weights",
     "load_task",
+    "run_epochs",
     "state_dict_to_numpy",
     "train_local",
 ]

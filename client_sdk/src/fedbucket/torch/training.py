@@ -57,12 +57,28 @@ def train_local(
     A task with its own recipe (another optimiser, its ``training.extra`` options) passes its own
     function with this signature as ``Task.train``.
     """
+    optimiser = torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=0.9)
+    return run_epochs(model, examples, training, optimiser, nn.CrossEntropyLoss(), seed=seed, forward=forward)
+
+
+def run_epochs(
+    model: nn.Module,
+    examples: Examples,
+    training: TrainingConfig,
+    optimiser: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    seed: int = 0,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """The local training loop every recipe shares: ``training.local_epochs`` seeded shuffles in
+    mini-batches of ``training.batch_size``, ``loss_fn`` plus the FedProx term (anchored at the
+    weights the round started from), one ``optimiser`` step per batch. A task's own recipe picks
+    the optimiser and the loss and calls this. Returns loss and accuracy on ``examples``."""
     forward = forward or default_forward
     generator = torch.Generator().manual_seed(seed)
     xs, ys = torch.from_numpy(examples.x), torch.from_numpy(examples.y)
-    optimiser = torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=0.9)
     proximal = ProximalTerm(model, training.proximal_mu)
-    loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(training.local_epochs):
         order = torch.randperm(len(xs), generator=generator)
