@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strategy-options", default="{}", help="JSON object of strategy options, e.g. '{\"clip_norm\": 5.0}'"
     )
+    parser.add_argument(
+        "--privacy",
+        default=None,
+        help="JSON object of [privacy] settings (docs/privacy.md); with dp on, the secret noise key is read from "
+        "the FEDBUCKET_DP_KEY environment variable (never an argument: job arguments are visible)",
+    )
     parser.add_argument("--min-clients", type=positive, default=None, help="quorum (default: the round task's)")
     parser.add_argument("--shard-elements", type=positive, default=None, help="elements per shard (default: auto)")
     parser.add_argument(
@@ -69,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from fedbucket.protocol.documents import describe_validation_error
     from fedbucket.protocol.storage import open_store
     from fedbucket.server.aggregation import run_aggregation
+    from fedbucket.server.config import AggregationSettings, PrivacySettings, check_aggregation
+    from fedbucket.server.privacy import load_noise_key
     from fedbucket.server.strategies import build_strategy
 
     try:
@@ -78,7 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(options, dict):
             raise ValueError("--strategy-options must be a JSON object")
         strategy = build_strategy(args.strategy, options)
-    except ValueError as exc:
+        privacy = PrivacySettings.model_validate_json(args.privacy) if args.privacy else None
+        noise_key = None
+        if privacy is not None and privacy.dp:
+            check_aggregation(AggregationSettings(strategy=args.strategy, options=options), privacy)
+            noise_key = load_noise_key()
+    except ValidationError as exc:
+        log.error("--privacy: %s", describe_validation_error(exc))
+        return EXIT_USAGE
+    except ValueError as exc:  # ConfigError is a ValueError
         log.error("%s", exc)
         return EXIT_USAGE
 
@@ -95,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_clients=args.min_clients,
             shard_elements=args.shard_elements,
             engine_info={"spark_version": spark.version, "master": spark_context.master},
+            privacy=privacy,
+            noise_key=noise_key,
             log=log.info,
         )
     except ConfigError as exc:  # e.g. a trimmed mean whose beta leaves nothing for this many clients

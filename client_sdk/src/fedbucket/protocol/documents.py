@@ -306,6 +306,77 @@ class RoundClosing(Document):
     _tz_closed = field_validator("closed_at")(_utc)
 
 
+class PrivacyMechanism(BaseModel):
+    """DP-FedAvg with (adaptive) clipping as one round ran it (docs/privacy.md): enough to redo the
+    accounting and to know how noisy the candidate is."""
+
+    model_config = ConfigDict(extra="forbid")
+    noise_multiplier: float = Field(gt=0, description="z: the round as one Gaussian mechanism (what is charged)")
+    update_noise_multiplier: float = Field(gt=0, description="z_delta: the part of z spent on the update sum")
+    clipped_count_stddev: float | None = Field(
+        default=None, gt=0, description="sigma_b: noise on the unclipped count (adaptive clipping only)"
+    )
+    clip_norm: float = Field(gt=0, description="C: every accepted delta was scaled to L2 norm <= C")
+    denominator: float = Field(gt=0, description="n-bar: the fixed number the noisy sum was divided by")
+    noise_stddev: float = Field(ge=0, description="z_delta * C / n-bar: noise std of each averaged coordinate")
+    target_quantile: float | None = Field(default=None, description="gamma: the norm quantile C follows")
+    clip_learning_rate: float = Field(default=0.0, ge=0, description="eta: C <- C * exp(-eta * (b - gamma))")
+    unclipped_fraction: float | None = Field(default=None, description="b: the noisy share of unclipped updates")
+    next_clip_norm: float = Field(gt=0, description="C of the next round")
+    sampling_rate: float | None = Field(
+        default=None, gt=0, le=1, description="q of the server-side Poisson subsampling (None: no amplification)"
+    )
+    charged_clients: int = Field(ge=0, description="clients this round was charged to")
+
+
+class PrivacySpent(BaseModel):
+    """The federation's (epsilon, delta) after a round, from the accountant: the worst client's,
+    over the rounds each client was charged for (docs/privacy.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epsilon: float = Field(ge=0)
+    delta: float = Field(gt=0, lt=1)
+    accountant: str = Field(description="dp-accounting's accountant that composed the rounds")
+    budget: float | None = Field(default=None, gt=0, description="the federation's epsilon budget at delta")
+    rounds: int = Field(ge=0, description="differentially private rounds charged so far")
+    most_rounds_per_client: int = Field(ge=0, description="the most rounds one client was charged for")
+    max_participations: int | None = Field(default=None, ge=1, description="the cap on that number")
+
+
+class RoundPrivacy(BaseModel):
+    """What a differentially private round spent: in aggregation and round reports, in the
+    candidate's lineage and in the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+    mechanism: PrivacyMechanism
+    spent: PrivacySpent
+
+
+class LedgerRound(BaseModel):
+    """One charged round in the privacy ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+    round_id: Identifier
+    charged_at: datetime
+    privacy: RoundPrivacy
+    clients: list[Identifier] = Field(description="the clients charged (sorted)")
+
+    _tz_charged = field_validator("charged_at")(_utc)
+
+
+#: The ledger grows by one entry per round (ids of the charged clients): 64 MiB is ~3M client-rounds.
+MAX_LEDGER_BYTES = 64 * 1024 * 1024
+
+
+class PrivacyLedger(Document):
+    """``privacy/ledger.json``: every differentially private round, in the order it was charged.
+    Server-only (client ids); the accountant recomputes each client's epsilon from it, and the
+    last entry's ``next_clip_norm`` is the adaptive clip norm the next round starts from."""
+
+    kind: ClassVar[str] = "privacy-ledger"
+    rounds: list[LedgerRound] = Field(default_factory=list)
+
+
 class AggregationReport(Document):
     """``rounds/<round>/aggregation.json``: what the aggregation job did."""
 
@@ -321,6 +392,7 @@ class AggregationReport(Document):
     timings: dict[str, float] = Field(default_factory=dict)
     engine: dict[str, Any] = Field(default_factory=dict)
     message: str = ""
+    privacy: RoundPrivacy | None = Field(default=None, description="set when the round was differentially private")
 
 
 class ClassMetrics(BaseModel):
@@ -489,6 +561,7 @@ class RoundReport(Document):
     updates: list[UpdateVerdict] = Field(default_factory=list)
     ignored_objects: int = Field(default=0, ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    privacy: RoundPrivacy | None = Field(default=None, description="set when the round was differentially private")
 
 
 ALL_DOCUMENTS: tuple[type[Document], ...] = (
@@ -504,6 +577,7 @@ ALL_DOCUMENTS: tuple[type[Document], ...] = (
     EvaluationClosing,
     EvaluationReport,
     RoundReport,
+    PrivacyLedger,
 )
 
 

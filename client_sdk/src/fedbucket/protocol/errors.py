@@ -11,6 +11,7 @@
     ├── SchemaError                   a JSON document is not a valid protocol document
     │   └── UnsupportedSchemaVersion  a document of a protocol version this code does not speak
     ├── ConfigError                   invalid settings: config file, run parameters, strategy options
+    │   └── PrivacyBudgetExceeded     a round (or local training) would spend more ε than its budget
     ├── UpdateRejected                an untrusted update failed validation (``.code``, ``.reason``)
     │   ├── InvalidIdentifier         client or round id unsafe or not matching the object path
     │   ├── InvalidManifest           the update manifest is not a valid protocol document
@@ -22,7 +23,9 @@
     │   ├── ChecksumMismatch          payload bytes differ from the manifest's sha256
     │   ├── StaleUpdate               made against another base model than the round's
     │   ├── LateUpdate                committed after the round's deadline
-    │   └── InvalidEvaluation         a client evaluation's scores are inconsistent or out of bounds
+    │   ├── InvalidEvaluation         a client evaluation's scores are inconsistent or out of bounds
+    │   ├── ParticipationCapReached   DP: the client already took part in its maximum of rounds
+    │   └── NotSampled                DP: the round's secret Poisson draw left the update out
     ├── RoundNotOpen                  no open round, or the round closed / passed its deadline
     └── WaitTimeout                   no round opened within the time a caller was willing to wait
 
@@ -63,6 +66,12 @@ class StorageUnavailable(StorageError):
 
 class ConfigError(FedbucketError, ValueError):
     """Settings are invalid: a config file, a run's parameters or a strategy's options."""
+
+
+class PrivacyBudgetExceeded(ConfigError):
+    """Spending what was asked would take ε past the budget: a round the publish step refuses to
+    open, or local DP-SGD training a client refuses to start. The message says by how much and
+    what to change."""
 
 
 class WaitTimeout(FedbucketError, TimeoutError):
@@ -141,3 +150,17 @@ class LateUpdate(UpdateRejected):
 
 class InvalidEvaluation(UpdateRejected):
     code = "invalid_evaluation"
+
+
+class ParticipationCapReached(UpdateRejected):
+    """Differential privacy: the client was already charged for the federation's
+    ``max_participations`` rounds, so its update is not read (docs/privacy.md)."""
+
+    code = "participation_cap"
+
+
+class NotSampled(UpdateRejected):
+    """Differential privacy with server-side Poisson subsampling: the round's secret draw left this
+    update out before its contents were read (docs/privacy.md)."""
+
+    code = "not_sampled"

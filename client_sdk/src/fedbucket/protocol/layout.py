@@ -21,6 +21,7 @@ Object names are relative to the federation root (``gs://bucket/prefix`` or ``fi
     eval/validation.safetensors                       server (optional): validation split, gates promotion
     eval/test.safetensors                             server (optional): test split, reported only
     state/<round>/strategy.safetensors                server: server-optimiser state after a round
+    privacy/ledger.json                               server: differential privacy charged per round and client
 
 The client id comes before the round id in update paths so that one IAM condition
 (``resource.name.startsWith(".../objects/updates/<client>/")``) confines a client's writes,
@@ -61,6 +62,7 @@ class BucketLayout:
     current_round: str = "rounds/current.json"
     validation_split: str = "eval/validation.safetensors"
     test_split: str = "eval/test.safetensors"
+    privacy_ledger: str = "privacy/ledger.json"
 
     def model_payload(self, version: str) -> str:
         return f"models/{check_identifier(version, 'model version')}/model.safetensors"

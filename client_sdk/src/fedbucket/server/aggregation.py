@@ -44,12 +44,30 @@ from fedbucket.protocol.documents import (
     utcnow,
     write_document,
 )
-from fedbucket.protocol.errors import MalformedPayload, ObjectNotFound, StorageError, UpdateRejected
+from fedbucket.protocol.errors import (
+    ConfigError,
+    MalformedPayload,
+    NotSampled,
+    ObjectNotFound,
+    ParticipationCapReached,
+    StorageError,
+    UpdateRejected,
+)
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.storage import ObjectStore, cached_store
 from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
 from fedbucket.protocol.validation import rejection_verdict, validate_closed
+from fedbucket.server.config import PrivacySettings
 from fedbucket.server.engine import Engine, serial_engine
+from fedbucket.server.privacy import (
+    RoundNoise,
+    adapt_clip_norm,
+    charge_round,
+    client_histories,
+    clip_norm_for,
+    read_ledger,
+    round_mechanism,
+)
 from fedbucket.server.rounds import survey_round
 from fedbucket.server.strategies import Strategy, build_strategy, integer_mean_step
 
@@ -106,6 +124,9 @@ class AggregationPlan:
     sources: tuple[UpdateSource, ...]
     state_payload_name: str | None = None
     state_tensors: dict[str, TensorLayout] = field(default_factory=dict)
+    #: Differential privacy: the round's secret noise and its std on each averaged coordinate.
+    noise: RoundNoise | None = None
+    noise_stddev: float = 0.0
 
     def strategy(self) -> Strategy:
         return build_strategy(self.strategy_name, dict(self.strategy_options))
@@ -209,10 +230,18 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
                 )
     if stacked is not None:
         combined = strategy.combine(stacked, weights)
+    if plan.noise is not None:  # DP: noise on the averaged clipped sum, element-addressed (any sharding)
+        for piece, (floating, at, count) in zip(shard, spans, strict=True):
+            if floating:
+                noise = plan.noise.tensor_noise(piece.tensor, piece.start, piece.stop)
+                combined[at : at + count] += plan.noise_stddev * noise
     new_float, state = strategy.step(
         base_float, combined, _read_state(store, plan, strategy, float_pieces, base_float.size)
     )
-    new_int = integer_mean_step(base_int, int_rows, [s.examples for s in plan.sources]) if base_int.size else base_int
+    if plan.noise is not None or not base_int.size:
+        new_int = base_int  # DP: integer buffers (e.g. batch counts) would release unnoised counts; kept as is
+    else:
+        new_int = integer_mean_step(base_int, int_rows, [s.examples for s in plan.sources])
 
     out = bytearray()
     next_float = next_int = 0
@@ -357,6 +386,8 @@ def run_aggregation(
     min_clients: int | None = None,
     shard_elements: int | None = None,
     engine_info: dict[str, object] | None = None,
+    privacy: PrivacySettings | None = None,
+    noise_key: bytes | None = None,
     layout: BucketLayout = LAYOUT,
     log: Callable[[str], None] = lambda message: None,
 ) -> AggregationReport:
@@ -364,28 +395,46 @@ def run_aggregation(
 
     Returns the report; ``report.status == "below_quorum"`` when fewer than ``min_clients``
     (default: the task's) updates are valid, in which case no candidate is written.
+
+    With ``privacy.dp`` the round runs DP-FedAvg (:mod:`fedbucket.server.privacy`): updates of
+    clients at the participation cap (or left out by the secret Poisson draw) are refused before
+    they are read, the rest are clipped and summed with equal weights over a fixed denominator,
+    noise from ``noise_key`` (the server's secret) is added, and the round is charged in the
+    privacy ledger before the candidate is written.
     """
     started = time.perf_counter()
     task, _ = read_document(store, layout.round_task(round_id), RoundTask)
     quorum = task.min_clients if min_clients is None else min_clients
     closing = round_inputs(store, task, layout=layout)
     updates = sorted(closing.updates, key=lambda u: u.manifest.client_id)
+    dp = privacy if privacy is not None and privacy.dp else None
+    refused: list[UpdateVerdict] = []
+    if dp is not None:
+        if noise_key is None:
+            raise ConfigError("differential privacy needs the server's noise key (FEDBUCKET_DP_KEY)")
+        noise = RoundNoise.derive(noise_key, round_id)
+        ledger, _ = read_ledger(store, layout=layout)
+        updates, charged, refused = _privacy_admission(updates, client_histories(ledger, excluding=round_id), dp, noise)
+        mechanism = round_mechanism(dp, min_clients=task.min_clients, clip_norm=clip_norm_for(ledger, round_id, dp))
     log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
-    exact_norm = strategy.clip_norm is not None  # the norm scales the update: compute it deterministically
+    exact_norm = strategy.clip_norm is not None or dp is not None  # the norm scales the update: deterministic
     validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
     accepted = [v for v in validated if v.source is not None]
     total_examples = sum(v.source.examples for v in accepted if v.source is not None)
     sources = tuple(
         dataclasses.replace(
             v.source,
-            weight=v.source.examples / total_examples,
-            scale=strategy.client_scale(v.l2_norm),
+            # DP: equal weights over the fixed denominator (a client's example count is unbounded)
+            weight=1 / mechanism.denominator if dp is not None else v.source.examples / total_examples,
+            scale=_dp_clip_scale(mechanism.clip_norm, v.l2_norm)
+            if dp is not None
+            else strategy.client_scale(v.l2_norm),
         )
         for v in accepted
         if v.source is not None
     )
     verdicts = [v.verdict.model_copy(update={"weight": s.weight}) for v, s in zip(accepted, sources, strict=True)]
-    verdicts += [v.verdict for v in validated if v.source is None] + list(closing.late)
+    verdicts += [v.verdict for v in validated if v.source is None] + refused + list(closing.late)
     verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
     validate_seconds = time.perf_counter() - started
     for v in verdicts:
@@ -428,6 +477,25 @@ def run_aggregation(
         state_payload_name=state_name,
         state_tensors=state_tensors,
     )
+    round_privacy = None
+    if dp is not None:
+        unclipped = sum(1 for v in accepted if v.l2_norm <= mechanism.clip_norm)
+        next_clip, share = adapt_clip_norm(
+            mechanism, unclipped=unclipped, participants=len(sources), noise=noise.count_noise()
+        )
+        mechanism = mechanism.model_copy(update={"next_clip_norm": next_clip, "unclipped_fraction": share})
+        if dp.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
+            charged = [s.client_id for s in sources]
+        round_privacy = charge_round(store, round_id, mechanism, charged, dp, layout=layout)  # before any release
+        plan = dataclasses.replace(plan, noise=noise, noise_stddev=mechanism.noise_stddev)
+        report.privacy = round_privacy
+        log(
+            f"dp: clip norm {mechanism.clip_norm:.4g} ({unclipped} of {len(sources)} update(s) unclipped; next "
+            f"{next_clip:.4g}), noise std {mechanism.noise_stddev:.4g} per coordinate "
+            f"(z={mechanism.noise_multiplier:g}, z_delta={mechanism.update_noise_multiplier:.4g}, "
+            f"n-bar={mechanism.denominator:g}); epsilon {round_privacy.spent.epsilon:.3f} at delta "
+            f"{round_privacy.spent.delta:g} after this round"
+        )
     log(f"aggregating {len(sources)} update(s) with {strategy.describe()} in {len(shards)} shard(s){state_note}")
     t0 = time.perf_counter()
     results = engine(functools.partial(_aggregate_indexed, plan), list(enumerate(shards)))
@@ -451,6 +519,7 @@ def run_aggregation(
                 "strategy_options": strategy.options(),
                 "accepted": [{"client_id": s.client_id, "weight": s.weight, "clip_scale": s.scale} for s in sources],
                 "rejected": [{"client_id": v.client_id, "code": v.code} for v in verdicts if not v.accepted],
+                **({"privacy": round_privacy.model_dump(mode="json")} if round_privacy is not None else {}),
             },
         )
         store.upload_file(layout.candidate_payload(round_id), candidate)
@@ -473,6 +542,38 @@ def run_aggregation(
     write_document(store, layout.aggregation_report(round_id), report)
     log(report.message)
     return report
+
+
+def _dp_clip_scale(clip_norm: float, l2_norm: float) -> float:
+    return 1.0 if l2_norm <= clip_norm else clip_norm / l2_norm
+
+
+def _privacy_admission(
+    updates: list[ClosedUpdate], histories: dict, settings: PrivacySettings, noise: RoundNoise
+) -> tuple[list[ClosedUpdate], list[str], list[UpdateVerdict]]:
+    """Before any payload is read: refuse updates of clients at the participation cap, then (with
+    server-side sampling) keep each remaining one with the round's secret probability ``q``.
+    Returns the updates to validate, the clients the round is charged to when sampling (every
+    client that passed the cap: being left out is part of the sampled mechanism) and the refusals."""
+    kept: list[ClosedUpdate] = []
+    eligible: list[str] = []
+    refused: list[UpdateVerdict] = []
+    for closed in updates:
+        client_id = closed.manifest.client_id
+        taken = sum(histories.get(client_id, {}).values())
+        if taken >= settings.max_participations:
+            error: UpdateRejected = ParticipationCapReached(
+                f"already charged for {taken} differentially private round(s); the cap is {settings.max_participations}"
+            )
+            refused.append(rejection_verdict(client_id, error, closed.committed_at))
+            continue
+        eligible.append(client_id)
+        if settings.sampling_rate is not None and not noise.sampled(client_id, settings.sampling_rate):
+            error = NotSampled(f"left out by the round's secret Poisson draw (q={settings.sampling_rate:g})")
+            refused.append(rejection_verdict(client_id, error, closed.committed_at))
+            continue
+        kept.append(closed)
+    return kept, eligible, refused
 
 
 def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> tuple[int, bytes, dict[str, bytes]]:

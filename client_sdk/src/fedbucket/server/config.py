@@ -145,6 +145,60 @@ class GateSettings(_Section):
     )
 
 
+class PrivacySettings(_Section):
+    """Central (user-level) differential privacy: DP-FedAvg with adaptive clipping (docs/privacy.md).
+
+    Each accepted delta is clipped to the round's norm C, the clipped deltas are summed with equal
+    weights, Gaussian noise of std ``z_delta * C`` is added and the sum is divided by the fixed
+    ``expected_clients``. With ``target_quantile`` set, C follows that quantile of the update norms
+    (Andrew et al. 2021); the unclipped count gets its own noise and the two noises together form one
+    Gaussian mechanism with multiplier ``noise_multiplier``, which is what the accountant charges.
+    """
+
+    dp: bool = Field(default=False, description="make every round's candidate differentially private")
+    noise_multiplier: float = Field(default=1.0, gt=0, description="z: noise std / sensitivity of one round")
+    clip_norm: float = Field(default=0.1, gt=0, description="C of the first round (fixed when target_quantile is off)")
+    target_quantile: float | None = Field(
+        default=0.5, gt=0, lt=1, description="gamma: C follows this quantile of update norms; None keeps C fixed"
+    )
+    clip_learning_rate: float = Field(default=0.2, gt=0, description="eta of the geometric clip-norm update")
+    clipped_count_stddev: float | None = Field(
+        default=None, gt=0, description="sigma_b of the unclipped-count noise (default: expected_clients / 20)"
+    )
+    expected_clients: int | None = Field(
+        default=None, ge=1, description="n-bar, the fixed denominator (default: the round's min_clients)"
+    )
+    max_participations: int = Field(
+        default=10, ge=1, description="a client's updates are refused after it was charged for this many rounds"
+    )
+    epsilon_budget: float = Field(default=8.0, gt=0, description="the publish step opens no round past this epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
+    sampling_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="server-side Poisson subsampling of the received updates (secret, before reading them): "
+        "claims amplification against observers of released models only (docs/privacy.md)",
+    )
+    key_connection: str = Field(
+        default="fedbucket_dp_key",
+        description="Airflow connection whose password is the hex noise key (else the FEDBUCKET_DP_KEY variable)",
+    )
+
+    @model_validator(mode="after")
+    def _noise_split_possible(self) -> PrivacySettings:
+        stddev = self.clipped_count_stddev
+        if self.target_quantile is not None and stddev is not None and 2 * stddev <= self.noise_multiplier:
+            raise ValueError(
+                f"clipped_count_stddev {stddev:g} leaves no noise for the updates: the "
+                f"count's share of z={self.noise_multiplier:g} needs 2 * clipped_count_stddev > z"
+            )
+        return self
+
+    def denominator(self, min_clients: int) -> int:
+        return self.expected_clients or min_clients
+
+
 class FederationConfig(_Section):
     bucket: str = Field(min_length=1, description="federation root URL: gs://bucket/prefix or file:///dir")
     model: ModelSpec = ModelSpec(name="mlp", kwargs={"hidden": 64})
@@ -155,6 +209,7 @@ class FederationConfig(_Section):
     aggregation: AggregationSettings = AggregationSettings()
     gate: GateSettings = GateSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    privacy: PrivacySettings = PrivacySettings()
     dataproc: DataprocSettings | None = None
     holdout_fraction: float = Field(
         default=0.2,
@@ -183,9 +238,7 @@ class FederationConfig(_Section):
             config = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
-        from fedbucket.server.strategies import build_strategy
-
-        build_strategy(config.aggregation.strategy, config.aggregation.options)  # ConfigError names the option
+        check_aggregation(config.aggregation, config.privacy)  # ConfigError names the option
         return config
 
 
@@ -204,6 +257,8 @@ RUN_PARAMETERS: dict[str, tuple[str, str]] = {
     "learning_rate": ("training", "learning_rate"),
     "proximal_mu": ("training", "proximal_mu"),
     "gate_tolerance": ("gate", "tolerance"),
+    "dp": ("privacy", "dp"),
+    "noise_multiplier": ("privacy", "noise_multiplier"),
 }
 
 
@@ -220,6 +275,7 @@ class RunSettings(_Section):
     aggregation: AggregationSettings
     gate: GateSettings
     evaluation: EvaluationSettings
+    privacy: PrivacySettings = PrivacySettings()
     aggregation_quorum: int = Field(
         ge=1, description="valid updates aggregation needs: the quorum that still closes a round at its deadline"
     )
@@ -246,6 +302,7 @@ class RunSettings(_Section):
             "aggregation": config.aggregation.model_dump(),
             "gate": config.gate.model_dump(),
             "evaluation": config.evaluation.model_dump(),
+            "privacy": config.privacy.model_dump(),
         }
         for key, value in overrides.items():
             if key in RUN_PARAMETERS and value is not None:
@@ -263,15 +320,35 @@ class RunSettings(_Section):
             )
         except ValidationError as exc:
             raise ConfigError(f"run parameters: {describe_validation_error(exc)}") from None
-        from fedbucket.server.strategies import build_strategy
-
-        build_strategy(settings.aggregation.strategy, settings.aggregation.options)
+        check_aggregation(settings.aggregation, settings.privacy)
         return settings
 
     @property
     def federated_evaluation(self) -> bool:
         """Whether this round's gate asks clients to score the candidate."""
         return self.gate.source in ("federated", "both")
+
+
+def check_aggregation(aggregation: AggregationSettings, privacy: PrivacySettings) -> None:
+    """Raise :class:`ConfigError` unless the strategy takes its options and can run with the
+    privacy settings: DP-FedAvg needs a mean-based strategy (the Gaussian noise is calibrated to the
+    sensitivity of a sum) and does its own clipping."""
+    from fedbucket.server.strategies import build_strategy
+
+    strategy = build_strategy(aggregation.strategy, aggregation.options)
+    if not privacy.dp:
+        return
+    if strategy.needs_all_deltas:
+        raise ConfigError(
+            f"strategy {strategy.name!r} cannot run with dp: the Gaussian noise is calibrated to the sensitivity of "
+            "a clipped sum, and no sensitivity of a coordinate-wise median or trimmed mean is stated here; use "
+            "fedavg or a server optimiser (fedavgm, fedadam, fedyogi, fedadagrad)"
+        )
+    if strategy.clip_norm is not None:
+        raise ConfigError(
+            "dp clips every update itself ([privacy] clip_norm, adaptive with target_quantile): remove the "
+            "strategy's clip_norm option"
+        )
 
 
 def check_task(model: ModelSpec, training: TrainingConfig) -> None:

@@ -1,0 +1,393 @@
+"""Central differential privacy: DP-FedAvg with adaptive clipping, its noise, its accountant and
+the federation's ledger (docs/privacy.md).
+
+The mechanism of one round (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models", arXiv:1710.06963; Andrew et al. 2021, "Differentially Private Learning with
+Adaptive Clipping", arXiv:1905.03871):
+
+- every accepted delta is scaled to L2 norm at most ``C``; the clipped deltas are summed with equal
+  weights (a client-reported example count is unbounded, so it must not weight a DP sum);
+- Gaussian noise of std ``z_delta * C`` is added to every coordinate of the sum, which is divided
+  by the fixed denominator ``n-bar``;
+- with adaptive clipping the count of unclipped updates gets noise of std ``sigma_b``, and
+  ``C <- C * exp(-eta * (b - gamma))`` with ``b`` the noisy unclipped share: C grows when more than
+  ``1 - gamma`` of the updates were clipped. The sum (sensitivity C) and the centred count
+  (sensitivity 1/2) are one Gaussian mechanism with ``z**-2 = z_delta**-2 + (2 sigma_b)**-2``.
+
+Invariants:
+
+- The noise is a pure function of (secret key, round id, tensor name, element index): AES-256-CTR
+  keyed by HKDF-SHA256 from the server's secret, with the element index as the counter block. An
+  executor expands only its own slice, a re-run of a round writes the same candidate bytes, and
+  nobody who can read the bucket (no key there) can subtract the noise. The key never enters the
+  bucket or a document.
+- A round is charged in the ledger *before* its candidate is written: a crash in between
+  over-charges (safe), never releases an uncharged model.
+- The accountant is dp-accounting's PLD accountant. Without server-side sampling no amplification
+  is claimed: a client's epsilon composes the rounds it was charged for (clients choose when they
+  take part), and the per-client participation cap bounds that number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import secrets
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedbucket.protocol.documents import (
+    MAX_LEDGER_BYTES,
+    LedgerRound,
+    PrivacyLedger,
+    PrivacyMechanism,
+    PrivacySpent,
+    RoundPrivacy,
+    read_optional,
+    utcnow,
+    write_document,
+)
+from fedbucket.protocol.errors import ConfigError, PrivacyBudgetExceeded
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.server.config import PrivacySettings
+
+#: The environment variable holding the noise key (64 hex digits) for the aggregation job.
+KEY_ENVIRONMENT = "FEDBUCKET_DP_KEY"
+KEY_BYTES = 32
+#: Normals drawn per AES-CTR call: bounds a shard's scratch memory (16 bytes of keystream each).
+_NOISE_CHUNK = 1 << 20
+ACCOUNTANT = "dp-accounting PLD"
+
+#: One charged round as the accountant sees it: (noise multiplier z, sampling rate q or None).
+Event = tuple[float, float | None]
+
+
+# -- the secret --------------------------------------------------------------------------------
+
+
+def new_noise_key() -> str:
+    """A fresh noise key, hex (``fedbucket init --new-dp-key`` prints one)."""
+    return secrets.token_hex(KEY_BYTES)
+
+
+def parse_noise_key(text: str | None, *, source: str = KEY_ENVIRONMENT) -> bytes:
+    """The key from its hex form; :class:`ConfigError` says what is wrong (never the value)."""
+    if not text:
+        raise ConfigError(
+            f"differential privacy needs the server's secret noise key and {source} is not set: store 64 hex "
+            "digits (python -c 'import secrets; print(secrets.token_hex(32))') in the Airflow connection named "
+            "by [privacy] key_connection, or in the FEDBUCKET_DP_KEY environment variable; never in the bucket"
+        )
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ConfigError(f"{source} is not hex: it must be 64 hex digits (32 random bytes)") from None
+    if len(key) < KEY_BYTES:
+        raise ConfigError(f"{source} holds {len(key)} bytes; the noise key must have at least {KEY_BYTES}")
+    return key
+
+
+def load_noise_key(environ: Mapping[str, str] | None = None) -> bytes:
+    """The key from ``FEDBUCKET_DP_KEY``."""
+    environ = os.environ if environ is None else environ
+    return parse_noise_key(environ.get(KEY_ENVIRONMENT))
+
+
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key)
+
+
+@dataclass(frozen=True)
+class RoundNoise:
+    """The secret randomness of one round, derived from the server's key and the round id.
+
+    Picklable and small: the Spark driver ships it to executors inside the aggregation plan (it
+    never goes to the bucket). A round key reveals nothing about another round's noise.
+    """
+
+    key: bytes
+
+    @classmethod
+    def derive(cls, master_key: bytes, round_id: str) -> RoundNoise:
+        return cls(_hkdf(master_key, b"fedbucket/dp/v1/round/" + round_id.encode()))
+
+    def __repr__(self) -> str:  # never log the key
+        return "RoundNoise(<secret>)"
+
+    def normals(self, label: str, start: int, stop: int) -> np.ndarray:
+        """Standard normals number ``start`` to ``stop - 1`` of the stream ``label`` (float64).
+
+        Element ``i`` is Box-Muller of the two 64-bit words of AES-256-CTR counter block ``i``
+        (key: HKDF of the round key and the label), so any slice can be drawn alone and equals
+        the same slice of a longer draw.
+        """
+        key = _hkdf(self.key, b"normals/" + label.encode())
+        out = np.empty(stop - start, dtype=np.float64)
+        for begin in range(start, stop, _NOISE_CHUNK):
+            end = min(stop, begin + _NOISE_CHUNK)
+            encryptor = Cipher(algorithms.AES(key), modes.CTR(begin.to_bytes(16, "big"))).encryptor()
+            words = np.frombuffer(encryptor.update(bytes(16 * (end - begin))), dtype="<u8").reshape(-1, 2)
+            u1 = ((words[:, 0] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1): log is finite
+            u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+            out[begin - start : end - start] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return out
+
+    def tensor_noise(self, tensor: str, start: int, stop: int) -> np.ndarray:
+        return self.normals("tensor/" + tensor, start, stop)
+
+    def count_noise(self) -> float:
+        return float(self.normals("unclipped-count", 0, 1)[0])
+
+    def sampled(self, client_id: str, rate: float) -> bool:
+        """The round's secret Poisson draw for one client: True with probability ``rate``."""
+        digest = hmac.new(_hkdf(self.key, b"sampling"), client_id.encode(), hashlib.sha256).digest()
+        return (int.from_bytes(digest[:8], "big") >> 11) * 2.0**-53 < rate
+
+
+# -- the mechanism -----------------------------------------------------------------------------
+
+
+def round_mechanism(settings: PrivacySettings, *, min_clients: int, clip_norm: float) -> PrivacyMechanism:
+    """The round's mechanism before it runs (``next_clip_norm`` = ``clip_norm`` until the count
+    is known). Raises :class:`ConfigError` if the count noise leaves nothing for the updates."""
+    z = settings.noise_multiplier
+    denominator = settings.denominator(min_clients)
+    count_stddev = count_stddev_for(settings, denominator)
+    if count_stddev is None:
+        update_z = z
+    elif 2 * count_stddev <= z:
+        raise ConfigError(
+            f"clipped_count_stddev {count_stddev:g} is too small for noise_multiplier {z:g}: the pair must form "
+            "one Gaussian mechanism with multiplier z, which needs 2 * clipped_count_stddev > z"
+        )
+    else:
+        update_z = (z**-2 - (2 * count_stddev) ** -2) ** -0.5
+    return PrivacyMechanism(
+        noise_multiplier=z,
+        update_noise_multiplier=update_z,
+        clipped_count_stddev=count_stddev,
+        clip_norm=clip_norm,
+        denominator=denominator,
+        noise_stddev=update_z * clip_norm / denominator,
+        target_quantile=settings.target_quantile,
+        clip_learning_rate=settings.clip_learning_rate if settings.target_quantile is not None else 0.0,
+        next_clip_norm=clip_norm,
+        sampling_rate=settings.sampling_rate,
+        charged_clients=0,
+    )
+
+
+def count_stddev_for(settings: PrivacySettings, denominator: float) -> float | None:
+    """sigma_b: the configured one, else ``max(n-bar / 20, z)`` (TFF's and Flower's 0.05 n-bar,
+    raised to z for small federations so that the count costs at most a quarter of the budget's
+    precision: z_delta <= 1.16 z)."""
+    if settings.target_quantile is None:
+        return None
+    if settings.clipped_count_stddev is not None:
+        return settings.clipped_count_stddev
+    return max(denominator / 20, settings.noise_multiplier)
+
+
+def adapt_clip_norm(
+    mechanism: PrivacyMechanism, *, unclipped: int, participants: int, noise: float
+) -> tuple[float, float | None]:
+    """The next round's clip norm and the noisy unclipped share ``b`` (Andrew et al. 2021, Alg. 1).
+
+    ``b = clamp((sum_i (1[|delta_i| <= C] - 1/2) + sigma_b * noise) / n-bar + 1/2, 0, 1)`` and
+    ``C' = C * exp(-eta * (b - gamma))``: when fewer than ``gamma`` of the updates fit under C, C
+    grows. ``noise`` is a standard normal from the round's secret stream.
+    """
+    if mechanism.target_quantile is None or mechanism.clipped_count_stddev is None:
+        return mechanism.clip_norm, None
+    centred = (unclipped - participants / 2) + mechanism.clipped_count_stddev * noise
+    share = min(1.0, max(0.0, centred / mechanism.denominator + 0.5))
+    step = -mechanism.clip_learning_rate * (share - mechanism.target_quantile)
+    return mechanism.clip_norm * math.exp(step), share
+
+
+# -- the accountant ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[tuple[Event, int], ...], delta: float) -> float:
+    if not history:
+        return 0.0
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for (z, q), count in history:
+        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+        if q is not None:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        accountant.compose(event, count)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon(history: Mapping[Event, int], delta: float) -> float:
+    """The epsilon at ``delta`` of the rounds in ``history`` ((z, q) -> rounds), composed by
+    dp-accounting's PLD accountant. Histories repeat across clients, so results are cached."""
+    return _epsilon(tuple(sorted((k, v) for k, v in history.items() if v)), delta)
+
+
+def client_histories(ledger: PrivacyLedger, *, excluding: str | None = None) -> dict[str, Counter[Event]]:
+    """Each client's charged rounds, by mechanism."""
+    histories: dict[str, Counter[Event]] = {}
+    for entry in ledger.rounds:
+        if entry.round_id == excluding:
+            continue
+        mechanism = entry.privacy.mechanism
+        event = (mechanism.noise_multiplier, mechanism.sampling_rate)
+        for client in entry.clients:
+            histories.setdefault(client, Counter())[event] += 1
+    return histories
+
+
+def _with(history: Counter[Event], event: Event) -> Counter[Event]:
+    out = Counter(history)
+    out[event] += 1
+    return out
+
+
+def worst_case_after(
+    histories: Mapping[str, Counter[Event]], event: Event, *, cap: int, delta: float
+) -> tuple[float, str | None]:
+    """The largest epsilon any client could reach if charged for one more round ``event``: over
+    the clients still under the cap (the others' updates are refused) and a client new to the
+    federation. Returns (epsilon, one such client id, or None for a new client)."""
+    worst, who = epsilon(Counter({event: 1}), delta), None
+    seen: set[tuple[tuple[Event, int], ...]] = set()
+    for client, history in sorted(histories.items()):
+        key = tuple(sorted(history.items()))
+        if sum(history.values()) >= cap or key in seen:
+            continue
+        seen.add(key)
+        value = epsilon(_with(history, event), delta)
+        if value > worst:
+            worst, who = value, client
+    return worst, who
+
+
+def spent(ledger: PrivacyLedger, settings: PrivacySettings) -> PrivacySpent:
+    """The federation's privacy loss so far: the worst client's epsilon over its charged rounds."""
+    histories = client_histories(ledger)
+    worst = max((epsilon(h, settings.delta) for h in _distinct(histories.values())), default=0.0)
+    return PrivacySpent(
+        epsilon=worst,
+        delta=settings.delta,
+        accountant=ACCOUNTANT,
+        budget=settings.epsilon_budget,
+        rounds=len(ledger.rounds),
+        most_rounds_per_client=max((sum(h.values()) for h in histories.values()), default=0),
+        max_participations=settings.max_participations,
+    )
+
+
+def _distinct(histories: Iterable[Counter[Event]]) -> list[Counter[Event]]:
+    unique = {tuple(sorted(h.items())): h for h in histories}
+    return list(unique.values())
+
+
+def rounds_within_budget(event: Event, settings: PrivacySettings) -> int:
+    """How many rounds of ``event`` one client can take part in before its epsilon passes the budget."""
+    rounds = 0
+    while rounds < settings.max_participations and epsilon(Counter({event: rounds + 1}), settings.delta) <= (
+        settings.epsilon_budget
+    ):
+        rounds += 1
+    return rounds
+
+
+# -- the ledger --------------------------------------------------------------------------------
+
+
+def read_ledger(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> tuple[PrivacyLedger, int]:
+    """The ledger and its generation (0: none yet, an empty ledger)."""
+    ledger, generation = read_optional(store, layout.privacy_ledger, PrivacyLedger, max_bytes=MAX_LEDGER_BYTES)
+    return (ledger or PrivacyLedger()), generation
+
+
+def clip_norm_for(ledger: PrivacyLedger, round_id: str, settings: PrivacySettings) -> float:
+    """The clip norm a round uses: the one it was charged with (a re-run), else the last charged
+    round's ``next_clip_norm``, else the configured initial one. With a fixed clip (no
+    ``target_quantile``) always the configured one."""
+    if settings.target_quantile is None:
+        return settings.clip_norm
+    for entry in ledger.rounds:
+        if entry.round_id == round_id:
+            return entry.privacy.mechanism.clip_norm
+    return ledger.rounds[-1].privacy.mechanism.next_clip_norm if ledger.rounds else settings.clip_norm
+
+
+def check_budget(
+    store: ObjectStore,
+    round_id: str,
+    settings: PrivacySettings,
+    *,
+    layout: BucketLayout = LAYOUT,
+) -> PrivacySpent | None:
+    """The publish step's guard. Raises :class:`PrivacyBudgetExceeded` if some client could end
+    this round with an epsilon above the budget, and :class:`ConfigError` for a round without dp
+    in a federation that has charged rounds (its model would carry no guarantee). Returns the
+    federation's spending so far (None without dp). A round already charged passes (a re-run)."""
+    ledger, _ = read_ledger(store, layout=layout)
+    if not settings.dp:
+        if ledger.rounds:
+            raise ConfigError(
+                f"this federation has been differentially private since round {ledger.rounds[0].round_id} "
+                f"({len(ledger.rounds)} charged round(s)): a round without dp would release a model with no "
+                "guarantee; keep [privacy] dp = true"
+            )
+        return None
+    so_far = spent(ledger, settings)
+    if any(entry.round_id == round_id for entry in ledger.rounds):
+        return so_far
+    event: Event = (settings.noise_multiplier, settings.sampling_rate)
+    worst, who = worst_case_after(
+        client_histories(ledger), event, cap=settings.max_participations, delta=settings.delta
+    )
+    if worst > settings.epsilon_budget:
+        affordable = rounds_within_budget(event, settings)
+        raise PrivacyBudgetExceeded(
+            f"round {round_id} would bring {'client ' + who if who else 'a new client'} to epsilon {worst:.3f} at "
+            f"delta {settings.delta:g}, over the budget of {settings.epsilon_budget:g} by "
+            f"{worst - settings.epsilon_budget:.3f}. With noise_multiplier {settings.noise_multiplier:g} one client "
+            f"can take part in {affordable} round(s) within the budget: set [privacy] max_participations to at most "
+            f"{affordable} (it is {settings.max_participations}), raise noise_multiplier, or accept that the "
+            "federation has spent its budget (raising epsilon_budget weakens what was promised)"
+        )
+    return so_far
+
+
+def charge_round(
+    store: ObjectStore,
+    round_id: str,
+    mechanism: PrivacyMechanism,
+    clients: Iterable[str],
+    settings: PrivacySettings,
+    *,
+    layout: BucketLayout = LAYOUT,
+) -> RoundPrivacy:
+    """Record the round in the ledger (replacing its entry on a re-run) and return what it spent.
+    Compare-and-swap on the ledger: a concurrent writer makes this raise, never lose a charge."""
+    ledger, generation = read_ledger(store, layout=layout)
+    charged = sorted(set(clients))
+    mechanism = mechanism.model_copy(update={"charged_clients": len(charged)})
+    kept = [entry for entry in ledger.rounds if entry.round_id != round_id]
+    provisional = RoundPrivacy(mechanism=mechanism, spent=spent(ledger, settings))
+    entry = LedgerRound(round_id=round_id, charged_at=utcnow(), privacy=provisional, clients=charged)
+    updated = PrivacyLedger(rounds=[*kept, entry])
+    privacy = RoundPrivacy(mechanism=mechanism, spent=spent(updated, settings))
+    updated.rounds[-1] = entry.model_copy(update={"privacy": privacy})
+    write_document(store, layout.privacy_ledger, updated, if_generation_match=generation)
+    return privacy
