@@ -21,6 +21,8 @@ java-check:  ## check that Java 17+ is on PATH (Spark needs it)
 	@v=$$(java -version 2>&1 | awk -F'"' '/version/ {print $$2}' | cut -d. -f1); \
 	  if [ "$${v:-0}" -lt 17 ]; then echo "Java $$v found; Spark 4 needs Java 17+. Install openjdk-17-jre-headless and put it first on PATH." >&2; exit 1; fi
 
+DP_ACCOUNTING := 0.6.0
+
 setup: java-check $(STAMP)  ## create .venv and install everything (idempotent)
 
 $(STAMP): requirements.txt constraints.txt client_sdk/pyproject.toml examples/text_classification/pyproject.toml
@@ -28,6 +30,7 @@ $(STAMP): requirements.txt constraints.txt client_sdk/pyproject.toml examples/te
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps dp-accounting==$(DP_ACCOUNTING)  # why --no-deps: requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e client_sdk
 	$(PY) -m pip install --quiet --no-deps -e examples/text_classification  # the example task package
 	@touch $@
@@ -42,8 +45,8 @@ spark35-env: $(SPARK35_STAMP)  ## a second env with pyspark 3.5 for the Spark-co
 $(SPARK35_STAMP): constraints.txt client_sdk/pyproject.toml
 	@[ -x $(SPARK35_VENV)/bin/python ] || $(PYTHON) -m venv $(SPARK35_VENV)
 	$(SPARK35_VENV)/bin/python -m pip install --quiet --upgrade pip
-	grep -v '^pyspark==' constraints.txt > $(SPARK35_VENV)/constraints.txt
-	$(SPARK35_VENV)/bin/python -m pip install --quiet pyspark==3.5.8 torch==2.13.0 -e client_sdk -c $(SPARK35_VENV)/constraints.txt
+	grep -v -e '^pyspark==' -e '^attrs==' constraints.txt > $(SPARK35_VENV)/constraints.txt  # no Airflow here
+	$(SPARK35_VENV)/bin/python -m pip install --quiet pyspark==3.5.8 torch==2.13.0 -e 'client_sdk[server]' -c $(SPARK35_VENV)/constraints.txt
 	@touch $@
 
 # Security and static tools with dependency trees that clash with Airflow's live in their own env.
@@ -115,7 +118,8 @@ package: setup  ## build the code Dataproc runs into dist/artifacts/<version>/ (
 	  $(PY) -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1] + "/pyproject.toml", "rb"))["project"]; print(p["name"] + "==" + p["version"])' $$task \
 	    >> $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt || exit 1; \
 	done
-	$(PY) -m pip download --quiet --only-binary=:all: -d $(ARTIFACTS_DIR)/wheels -c constraints.txt \
+	grep -v '^attrs==' constraints.txt > $(ARTIFACTS_DIR)/constraints-cluster.txt  # no Airflow on the cluster
+	$(PY) -m pip download --quiet --only-binary=:all: -d $(ARTIFACTS_DIR)/wheels -c $(ARTIFACTS_DIR)/constraints-cluster.txt \
 	  -r $(ARTIFACTS_DIR)/wheels/requirements-cluster.txt --find-links $(ARTIFACTS_DIR)/wheels
 	@echo "packaged fedbucket $(VERSION) in $(ARTIFACTS_DIR); upload it with: make deploy ARTIFACTS_BUCKET=gs://<bucket>-artifacts"
 

@@ -153,6 +153,7 @@ with DAG(
         *("--strategy", run_setting("['aggregation']['strategy']")),
         *("--strategy-options", run_setting("['aggregation']['options'] | tojson")),
         *("--min-clients", run_setting("['aggregation_quorum']")),
+        *("--privacy", run_setting("['privacy'] | tojson")),
     ]
     evaluate_args = [
         *("--bucket", config.bucket, "--round", run_setting("['round_id']")),
@@ -183,6 +184,7 @@ with DAG(
             application=str(SPARK_JOBS / "aggregate.py"),
             application_args=aggregate_args,
             skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
+            key_connection=config.privacy.key_connection,
             **spark,
         )
         evaluate = LocalSparkSubmitOperator(

@@ -6,6 +6,7 @@ cover one tiny training step; every other wait is on an event with a generous bo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ import pytest
 
 from fedbucket import LAYOUT, Client, ObjectStore, open_store
 from fedbucket.protocol.documents import ModelManifest, RoundClosing, RoundReport, read_document, utcnow
+from fedbucket.protocol.errors import PrivacyBudgetExceeded
 from fedbucket.server.config import FederationConfig
 from fedbucket.server.initialise import init_federation
+from fedbucket.server.privacy import check_budget
 from fedbucket.server.rounds import current_model
 from fedbucket.sim.simulation import _forged_evaluation, _hostile_payload, _write_raw_update
 from fedbucket.torch.digits import digits
@@ -51,6 +54,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
     gate_metric = round_settings.pop("gate_metric", "accuracy")
     gate_source = round_settings.pop("gate_source", "holdout")
     evaluation_min_clients = round_settings.pop("evaluation_min_clients", 3)
+    privacy = round_settings.pop("privacy", {})
     lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
     lines += ["retry_delay_seconds = 0", "", "[round]"]
     lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
@@ -75,6 +79,8 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
         "max_examples_per_report = 1000",
     ]
     lines += ["", "[aggregation]", 'spark_master = "local[2]"']
+    if privacy:
+        lines += ["", "[privacy]"] + [f"{k} = {json.dumps(v)}" for k, v in privacy.items()]
     if spark_submit:
         lines.append(f'spark_submit = "{spark_submit}"')
     path = tmp_path / "federation.toml"
@@ -436,3 +442,30 @@ def test_a_federation_without_server_data_gates_on_federated_evaluation(store_ur
     assert federated["candidate"]["accuracy"] > federated["current"]["accuracy"]
     assert federated["candidate"]["accuracy"] < 1.0  # the forger's perfect candidate was not pooled
     assert "federated:" in report.message
+
+
+@FILE_STORE_ONLY
+def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(federation, tmp_path, monkeypatch):
+    """DP-FedAvg through the real DAG: the round report, the promoted model's manifest and the ledger
+    carry epsilon; the next round would take every client past the budget, so publish refuses it."""
+    store, url = federation
+    monkeypatch.setenv("FEDBUCKET_DP_KEY", "5e" * 32)  # a test key; the DAG passes it to spark-submit's env
+    # z = 2: one round costs epsilon 1.99 at delta 1e-5, two rounds 2.94; the budget allows one.
+    privacy = {"dp": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "expected_clients": 3, "epsilon_budget": 2.5}
+    config = write_config(tmp_path, url, privacy=privacy)
+    with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
+        run = run_dag(config, run_conf={"round_id": "dp-1"})
+    assert str(run.state) == "success", task_states(run)
+    report = report_of(store, "dp-1")
+    assert report.privacy is not None and report.privacy.mechanism.charged_clients == 3
+    assert report.privacy.spent.epsilon == pytest.approx(1.99, abs=0.01) and report.privacy.spent.budget == 2.5
+    assert [u.weight for u in report.updates if u.accepted] == [pytest.approx(1 / 3)] * 3  # uniform, n-bar = 3
+    candidate_manifest, _ = read_document(store, LAYOUT.candidate_manifest("dp-1"), ModelManifest)
+    assert candidate_manifest.lineage["privacy"]["spent"]["epsilon"] == report.privacy.spent.epsilon
+
+    refused = run_dag(config, run_conf={"round_id": "dp-2"})
+    states = task_states(refused)
+    assert str(refused.state) == "failed" and states["publish"] == "failed", states
+    assert not store.exists(LAYOUT.round_task("dp-2"))  # no client was asked to train
+    with pytest.raises(PrivacyBudgetExceeded, match=r"over the budget of 2\.5 by 0\.4"):
+        check_budget(store, "dp-2", FederationConfig.load(config).privacy)  # what the publish step logged

@@ -3,6 +3,7 @@ these classes hold arguments, talk to Airflow and sequence the calls."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,8 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import Asset, BaseOperator, Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk import Asset, BaseHook, BaseOperator, Context
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowNotFoundException,
+    AirflowSkipException,
+)
 
 from fedbucket.protocol.documents import (
     AggregationReport,
@@ -26,6 +32,7 @@ from fedbucket.protocol.errors import ConfigError, FedbucketError, InvalidIdenti
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import FederationConfig, RunSettings, check_task
+from fedbucket.server.privacy import KEY_ENVIRONMENT, check_budget
 from fedbucket.server.promotion import gate_decision, gate_figures, promote_candidate
 from fedbucket.server.report import build_round_report, summary_lines
 from fedbucket.server.rounds import current_model, open_round, request_evaluation, round_id_for
@@ -85,6 +92,17 @@ class OpenRoundOperator(BaseOperator):
             raise AirflowFailException(f"invalid run parameters: {exc}") from None
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
         self._check_recipe(store, run)
+        try:  # before the round opens: no client trains for a round that would spend past the budget
+            spent = check_budget(store, run.round_id, run.privacy)
+        except ConfigError as exc:
+            raise AirflowFailException(f"differential privacy: {exc}") from None
+        if spent is not None:
+            self.log.info(
+                "differential privacy: epsilon %.3f at delta %g spent over %d round(s), budget %g; this round adds "
+                "z=%g for its clients (at most %d rounds each)",
+                spent.epsilon, spent.delta, spent.rounds, run.privacy.epsilon_budget,
+                run.privacy.noise_multiplier, run.privacy.max_participations,
+            )  # fmt: skip
         task = open_round(
             store,
             round_id=run.round_id,
@@ -182,6 +200,9 @@ class LocalSparkSubmitOperator(BaseOperator):
     :param master: Spark master URL.
     :param driver_memory: the driver's heap (the candidate's slices are collected there).
     :param spark_submit: the spark-submit to run (default: the one next to this Python).
+    :param key_connection: an Airflow connection whose password is the differential-privacy noise key;
+        passed to the job in its environment (``FEDBUCKET_DP_KEY``), never on its command line. If
+        the connection does not exist the job inherits this process's ``FEDBUCKET_DP_KEY``, if any.
     """
 
     template_fields: Sequence[str] = ("application_args",)
@@ -196,9 +217,11 @@ class LocalSparkSubmitOperator(BaseOperator):
         spark_submit: str | None = None,
         skip_exit_codes: Sequence[int] = (),
         fail_exit_codes: Sequence[int] = (2,),
+        key_connection: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.key_connection = key_connection
         self.application = application
         self.application_args = application_args
         self.master = master
@@ -226,6 +249,11 @@ class LocalSparkSubmitOperator(BaseOperator):
             "PYSPARK_DRIVER_PYTHON": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
             "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
         }
+        # Without the connection the job uses FEDBUCKET_DP_KEY from this environment, or says it is missing.
+        # Airflow masks a connection's password in the task log.
+        with contextlib.suppress(AirflowNotFoundException):
+            if self.key_connection:
+                env[KEY_ENVIRONMENT] = BaseHook.get_connection(self.key_connection).password or ""
         self.log.info("running %s", " ".join(command))
         with subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -259,6 +287,10 @@ class PromoteCandidateOperator(RoundStepOperator):
         aggregation, _ = read_optional(store, LAYOUT.aggregation_report(run.round_id), AggregationReport)
         if aggregation is not None and aggregation.status == "below_quorum":
             raise AirflowSkipException(f"round {run.round_id} is below quorum after validation: nothing to promote")
+        if aggregation is not None and aggregation.privacy is not None:
+            spent, budget = aggregation.privacy.spent.epsilon, run.privacy.epsilon_budget
+            if spent > budget:  # the publish step refuses such rounds; this holds if its settings were bypassed
+                raise AirflowSkipException(f"not promoted: epsilon {spent:.3f} is past the budget of {budget:g}")
         evaluation, _ = read_document(store, LAYOUT.evaluation_report(run.round_id), EvaluationReport)
         decision = gate_decision(evaluation, run.gate)
         if not decision.passed:
@@ -297,7 +329,11 @@ class RoundReportOperator(RoundStepOperator):
         run, store = self.run_and_store()
         promote_error = context["ti"].xcom_pull(task_ids="promote", key="error")
         report = build_round_report(
-            store, run.round_id, run.gate, promote_error=promote_error if isinstance(promote_error, str) else None
+            store,
+            run.round_id,
+            run.gate,
+            promote_error=promote_error if isinstance(promote_error, str) else None,
+            epsilon_budget=run.privacy.epsilon_budget if run.privacy.dp else None,
         )
         write_document(store, LAYOUT.round_report(run.round_id), report)
         for line in summary_lines(report):

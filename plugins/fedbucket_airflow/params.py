@@ -15,6 +15,7 @@ from fedbucket.server.config import (
     AggregationSettings,
     FederationConfig,
     GateSettings,
+    PrivacySettings,
     RoundSettings,
 )
 from fedbucket.server.strategies import STRATEGIES
@@ -24,8 +25,15 @@ _MODELS: dict[str, type[BaseModel]] = {
     "training": TrainingConfig,
     "aggregation": AggregationSettings,
     "gate": GateSettings,
+    "privacy": PrivacySettings,
 }
-_SECTIONS = {"round": "Round", "training": "Local training", "aggregation": "Aggregation", "gate": "Promotion gate"}
+_SECTIONS = {
+    "round": "Round",
+    "training": "Local training",
+    "aggregation": "Aggregation",
+    "gate": "Promotion gate",
+    "privacy": "Differential privacy",
+}
 #: What pydantic cannot know: the strategy names a run may choose.
 _EXTRA_SCHEMA: dict[str, dict[str, Any]] = {"strategy": {"enum": sorted(STRATEGIES)}}
 

@@ -56,6 +56,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "bucket": client.store.url,
             "client_id": client.client_id,
             "current_model": pointer.version if pointer else None,
+            "privacy": _model_privacy(client, pointer),
             "round": None,
         }
         if task is not None:
@@ -77,6 +78,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"federation   {status['bucket']}")
     print(f"client       {status['client_id']}")
     print(f"global model {status['current_model'] or '(none yet)'}")
+    privacy = status["privacy"]
+    if isinstance(privacy, dict):
+        spent, mechanism = privacy["spent"], privacy["mechanism"]
+        budget = f" (budget {spent['budget']:g})" if spent.get("budget") else ""
+        print(
+            f"privacy      epsilon {spent['epsilon']:.3f}{budget} at delta {spent['delta']:g} over "
+            f"{spent['rounds']} DP round(s); last round z={mechanism['noise_multiplier']:g}, "
+            f"clip norm {mechanism['clip_norm']:.4g}"
+        )
     round_info = status["round"]
     if not isinstance(round_info, dict):
         print("round        no open round")
@@ -90,6 +100,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"submitted    yes, {sub['num_examples']} examples, sha256 {sub['sha256'][:12]}…")
     return exit_code
+
+
+def _model_privacy(client: Client, pointer: ModelPointer | None) -> dict | None:
+    """The differential-privacy guarantee the current model's manifest carries (None: none)."""
+    if pointer is None:
+        return None
+    manifest, _ = read_document(client.store, client.layout.model_manifest(pointer.version), ModelManifest)
+    privacy = manifest.lineage.get("privacy")
+    return privacy if isinstance(privacy, dict) else None
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

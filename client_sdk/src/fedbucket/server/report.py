@@ -12,6 +12,7 @@ from fedbucket.protocol.documents import (
     EvaluationReport,
     ModelManifest,
     RoundClosing,
+    RoundPrivacy,
     RoundReport,
     RoundTask,
     UpdateVerdict,
@@ -31,6 +32,7 @@ def build_round_report(
     gate: GateSettings,
     *,
     promote_error: str | None = None,
+    epsilon_budget: float | None = None,
     layout: BucketLayout = LAYOUT,
 ) -> RoundReport:
     """The report of round ``round_id``: promoted, rejected (by the gate), superseded (the gate
@@ -76,6 +78,8 @@ def build_round_report(
         status, message = "failed", _unfinished_evaluation(store, round_id, gate, layout)
     elif not decision.passed:
         status, message = "rejected", f"gate refused: {decision.message}"
+    elif over_budget := _over_budget(aggregation, epsilon_budget):
+        status, message = "rejected", over_budget
     elif current_model(store, layout=layout)[0].version != candidate.base_version:
         status = "superseded"  # the message names no later model: a re-run must write the same bytes
         message = (
@@ -96,7 +100,15 @@ def build_round_report(
         updates=updates,
         ignored_objects=closing.ignored_objects if closing else 0,
         metrics=metrics,
+        privacy=aggregation.privacy if aggregation is not None else None,
     )
+
+
+def _over_budget(aggregation: AggregationReport, budget: float | None) -> str:
+    privacy = aggregation.privacy
+    if privacy is None or budget is None or privacy.spent.epsilon <= budget:
+        return ""
+    return f"not promoted: epsilon {privacy.spent.epsilon:.3f} is past the privacy budget of {budget:g}"
 
 
 def _unfinished_evaluation(store: ObjectStore, round_id: str, gate: GateSettings, layout: BucketLayout) -> str:
@@ -134,7 +146,22 @@ def summary_lines(report: RoundReport) -> list[str]:
         lines += [f"  REJECT EVALUATION {u['client_id']:16s} {u['code']}: {u['reason']}" for u in federated["rejected"]]
     if test:
         lines.append(f"  test (reported only) candidate {_figures(test)}")
+    if report.privacy is not None:
+        lines.append(privacy_line(report.privacy))
     return lines
+
+
+def privacy_line(privacy: RoundPrivacy) -> str:
+    """One line on what a differentially private round spent (task logs, ``fedbucket status``)."""
+    m, spent = privacy.mechanism, privacy.spent
+    budget = f" of a budget of {spent.budget:g}" if spent.budget is not None else ""
+    sampled = f", Poisson-sampled q={m.sampling_rate:g}" if m.sampling_rate is not None else ", no amplification"
+    return (
+        f"  privacy: epsilon {spent.epsilon:.3f}{budget} at delta {spent.delta:g} after {spent.rounds} DP round(s) "
+        f"(worst client: {spent.most_rounds_per_client} of at most {spent.max_participations}); this round z="
+        f"{m.noise_multiplier:g}, clip norm {m.clip_norm:.4g} -> {m.next_clip_norm:.4g}, n-bar {m.denominator:g}, "
+        f"noise std {m.noise_stddev:.3g}{sampled}"
+    )
 
 
 def _figures(m: dict) -> str:
