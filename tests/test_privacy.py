@@ -15,7 +15,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from scipy import stats
 
 from conftest import TINY_SPEC
-from fedbucket import LAYOUT, ObjectStore, TrainingConfig, tensors_from_bytes, tensors_to_bytes
+from fedbucket import LAYOUT, ModelSpec, ObjectStore, TrainingConfig, tensors_from_bytes, tensors_to_bytes
 from fedbucket.client import upload_update
 from fedbucket.protocol.documents import AggregationReport, ModelManifest, read_document, utcnow
 from fedbucket.protocol.errors import ConfigError, PrivacyBudgetExceeded
@@ -32,6 +32,7 @@ from fedbucket.server.privacy import (
 from fedbucket.server.rounds import open_round, publish_model, set_current_model
 from fedbucket.server.strategies import build_strategy
 
+TINY_MLP = ModelSpec(name="mlp", kwargs={"hidden": 16})
 KEY = bytes(range(32))  # a test key; production keys come from secrets.token_hex(32)
 SHAPES = {"w": (40, 30), "b": (30,), "steps": ()}
 
@@ -308,3 +309,64 @@ def test_aggregation_report_documents_the_mechanism(store, tmp_path):
     report, _ = read_document(store, LAYOUT.aggregation_report("r1"), AggregationReport)
     assert report.privacy.spent.delta == 1e-5 and report.privacy.spent.budget == 8.0
     assert {v.client_id: v.weight for v in report.updates} == {"a": 0.5, "b": 0.5}  # 1 / n-bar, n-bar = min_clients
+
+
+# -- local DP-SGD on the client ----------------------------------------------------------------
+
+
+def test_dp_sgd_reports_its_epsilon_keeps_counting_and_refuses_past_its_budget(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from fedbucket.torch.digits import TASK, digits
+    from fedbucket.torch.dp_sgd import DPSGDSettings, LocalPrivacy
+
+    train = digits()[0].subset(np.arange(400))
+    training = TrainingConfig(local_epochs=1, batch_size=40, learning_rate=0.1)
+    model = TASK.build_model(TINY_MLP, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = tmp_path / "dp-sgd.json"
+    settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=1.0, epsilon_budget=100.0)
+    metrics = LocalPrivacy(settings, state).fit(model, train, training)
+    assert any(not (before[k] == v).all() for k, v in model.state_dict().items())  # it trained, in place
+    direct = RDPAccountant()
+    direct.history = [(1.0, 40 / 400, 10)]  # q = batch / records, 10 steps per epoch
+    assert metrics["dp_sgd_epsilon"] == pytest.approx(direct.get_epsilon(1e-5))
+    assert set(model.state_dict()) == set(before)  # Opacus's wrapper is gone: the names the server expects
+
+    resumed = LocalPrivacy(settings, state)  # a restarted client keeps counting
+    assert resumed.epsilon == pytest.approx(metrics["dp_sgd_epsilon"])
+    tight = LocalPrivacy(DPSGDSettings(1.0, 1.0, epsilon_budget=metrics["dp_sgd_epsilon"] * 1.1), state)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrivacyBudgetExceeded, match="past the local budget"):
+        tight.fit(model, train, training)
+    assert all((trained[k] == v).all() for k, v in model.state_dict().items())  # refused before training
+    assert LocalPrivacy(settings, state).history == resumed.history  # nothing was charged
+
+
+def test_dp_sgd_refuses_batchnorm_models():
+    from fedbucket.torch.digits import TASK, digits
+    from fedbucket.torch.dp_sgd import DPSGDSettings, LocalPrivacy
+
+    model = TASK.build_model(ModelSpec(name="cnn"), seed=0)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        LocalPrivacy(DPSGDSettings(1.0, 1.0, 10.0)).fit(model, digits()[0].subset(np.arange(50)), TrainingConfig())
+
+
+def test_participant_with_dp_sgd_submits_its_epsilon(tmp_path):
+    from fedbucket import Client, open_store
+    from fedbucket.protocol.documents import UpdateManifest
+    from fedbucket.server.initialise import init_federation
+    from fedbucket.torch.digits import TASK, digits
+    from fedbucket.torch.dp_sgd import DPSGDSettings, LocalPrivacy
+    from fedbucket.torch.participate import Participant
+
+    url = (tmp_path / "bucket").as_uri()
+    store = open_store(url, create=True)
+    init_federation(store, FederationConfig(bucket=url, model=TINY_MLP), validation=digits()[1])
+    open_round(store, round_id="r1", opened_at=utcnow(), deadline_seconds=600, training=TrainingConfig())
+    privacy = LocalPrivacy(DPSGDSettings(1.0, 1.0, 50.0), tmp_path / "state.json")
+    with Client(url, "hospital-a", cache_dir=tmp_path / "cache") as client:
+        participant = Participant(client, TASK, None, digits()[0].subset(np.arange(300)), local_privacy=privacy)
+        assert participant.step() == "trained", participant.log
+    manifest, _ = read_document(store, LAYOUT.update_manifest("hospital-a", "r1"), UpdateManifest)
+    assert manifest.metrics["dp_sgd_epsilon"] == pytest.approx(privacy.epsilon) and privacy.epsilon > 0

@@ -220,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=_positive_seconds, default=5.0, help="seconds between looks at the bucket")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and local shuffling")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line while waiting")
+    dp = p.add_argument_group(
+        "local differential privacy (DP-SGD through Opacus, pip install 'fedbucket[dp]'; docs/privacy.md)"
+    )
+    dp.add_argument("--dp-sgd-noise", type=float, default=None, help="noise multiplier: train with DP-SGD")
+    dp.add_argument("--dp-sgd-clip", type=float, default=1.0, help="per-example gradient clip norm (default 1.0)")
+    dp.add_argument(
+        "--dp-sgd-epsilon", type=float, default=None, help="local epsilon budget: refuse rounds that would pass it"
+    )
+    dp.add_argument("--dp-sgd-delta", type=float, default=1e-5, help="delta of the local guarantee (default 1e-5)")
+    dp.add_argument(
+        "--dp-sgd-state",
+        default=None,
+        help="where the local accountant's history is kept (default: dp-sgd-<client>.json in the cache directory)",
+    )
 
     p = add(
         "simulate",

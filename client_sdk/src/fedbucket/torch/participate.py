@@ -21,13 +21,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from fedbucket.client.sdk import Client
 from fedbucket.protocol.documents import EvaluationTask, ModelSpec, RoundTask, read_optional, utcnow
-from fedbucket.protocol.errors import ChecksumMismatch, ConfigError, FedbucketError, StorageError, WaitTimeout
+from fedbucket.protocol.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    FedbucketError,
+    PrivacyBudgetExceeded,
+    StorageError,
+    WaitTimeout,
+)
 from fedbucket.protocol.tensors import load_tensors
+from fedbucket.torch.dp_sgd import DPSGDSettings, LocalPrivacy
 from fedbucket.torch.task import DIGITS_TASK, Examples, Task
 from fedbucket.torch.training import load_global_weights
 
@@ -52,6 +61,8 @@ class Participant:
         train: the local training examples; ``validation``: local validation examples for
             federated evaluation (``None``: this client does not evaluate).
         seed: seeds local training's shuffling (not a secret).
+        local_privacy: train with DP-SGD under this client's own accountant and budget (the task's
+            own recipe is not used then; docs/privacy.md).
     """
 
     client: Client
@@ -64,6 +75,7 @@ class Participant:
     echo: Callable[[str], None] = print
     progress: Callable[[str], None] | None = None
     log: ParticipationLog = field(default_factory=ParticipationLog)
+    local_privacy: LocalPrivacy | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_echo: str = ""
     _handled: set[tuple[str, str]] = field(default_factory=set)
@@ -132,8 +144,15 @@ class Participant:
             model = self.task.build_model(task.model)
             load_global_weights(model, self.client.fetch_model(task))
             seed = int(np.random.default_rng([self.seed, len(self.log.trained)]).integers(2**31))
-            metrics = self.task.fit(model, self.train, task.training, seed=seed)
+            if self.local_privacy is not None:
+                metrics = self.local_privacy.fit(model, self.train, task.training, forward=self.task.forward)
+            else:
+                metrics = self.task.fit(model, self.train, task.training, seed=seed)
             self.client.submit(task, model.state_dict(), num_examples=len(self.train), metrics=metrics)
+        except PrivacyBudgetExceeded as exc:  # not a failure: the client keeps its promise to its records
+            self.log.refused.append(task.round_id)
+            self.echo(f"round {task.round_id}: refused — {exc}")
+            return "refused"
         except Exception as exc:  # a round's failure, even in the task's own code, is a line, not a crash
             return self._failed(task.round_id, "not submitted", exc)
         self.log.trained.append(task.round_id)
@@ -234,6 +253,22 @@ def _stop_on_signals(received: list[str]) -> threading.Event:
     return stop
 
 
+def _local_privacy(args: argparse.Namespace, client: Client) -> LocalPrivacy | None:
+    if args.dp_sgd_noise is None:
+        if args.dp_sgd_epsilon is not None:
+            raise ConfigError("--dp-sgd-epsilon needs --dp-sgd-noise (the noise multiplier of DP-SGD)")
+        return None
+    if args.dp_sgd_epsilon is None:
+        raise ConfigError("--dp-sgd-noise needs --dp-sgd-epsilon: the local budget this client refuses to pass")
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ConfigError("DP-SGD needs Opacus: pip install 'fedbucket[dp]'") from None
+    settings = DPSGDSettings(args.dp_sgd_noise, args.dp_sgd_clip, args.dp_sgd_epsilon, args.dp_sgd_delta)
+    state = Path(args.dp_sgd_state) if args.dp_sgd_state else client.cache_dir / f"dp-sgd-{client.client_id}.json"
+    return LocalPrivacy(settings, state)
+
+
 def cmd_participate(args: argparse.Namespace) -> int:
     """``fedbucket participate``: the loop above, with a progress line and a clean Ctrl-C."""
     from fedbucket.torch.task import load_task
@@ -264,8 +299,15 @@ def cmd_participate(args: argparse.Namespace) -> int:
                 retry_timeout=args.timeout) as client:  # fmt: skip
         participant = Participant(
             client, task, args.task, train, validation, seed=args.seed, poll_interval=args.poll_interval,
-            echo=echo, progress=progress,
+            echo=echo, progress=progress, local_privacy=_local_privacy(args, client),
         )  # fmt: skip
+        if participant.local_privacy is not None:
+            settings = participant.local_privacy.settings
+            echo(
+                f"{args.client_id}: DP-SGD with noise {settings.noise_multiplier:g}, clip {settings.max_grad_norm:g}; "
+                f"local epsilon {participant.local_privacy.epsilon:.3f} of {settings.epsilon_budget:g} at delta "
+                f"{settings.delta:g} spent so far"
+            )
         echo(
             f"{args.client_id}: task {task.name} ({args.task or 'built-in'}), {len(train)} training and "
             f"{len(validation) if validation else 0} validation examples; waiting for rounds at {client.store.url}"
