@@ -129,6 +129,7 @@ deploy: package  ## upload artifacts + DAG to GCP (needs gcloud and credentials;
 	@[ -z "$(COMPOSER_ENV)" ] || { \
 	  rm -rf dist/composer-plugins && mkdir -p dist/composer-plugins && \
 	  cp -r plugins/fedbucket_airflow client_sdk/src/fedbucket dist/composer-plugins/ && \
+	  cp -r $$($(PY) -c 'import dp_accounting, os; print(os.path.dirname(dp_accounting.__file__))') dist/composer-plugins/ && \
 	  gcloud composer environments storage dags import --environment $(COMPOSER_ENV) --location $(REGION) --source dags/ && \
 	  gcloud composer environments storage plugins import --environment $(COMPOSER_ENV) --location $(REGION) \
 	    --source dist/composer-plugins/; }

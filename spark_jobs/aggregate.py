@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--privacy",
         default=None,
         help="JSON object of [privacy] settings (docs/privacy.md); with dp on, the secret noise key is read from "
-        "the FEDBUCKET_DP_KEY environment variable (never an argument: job arguments are visible)",
+        "the FEDBUCKET_DP_KEY environment variable, else from the Secret Manager version in key_secret (never an "
+        "argument: job arguments are visible)",
     )
     parser.add_argument("--min-clients", type=positive, default=None, help="quorum (default: the round task's)")
     parser.add_argument("--shard-elements", type=positive, default=None, help="elements per shard (default: auto)")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_key = None
         if privacy is not None and privacy.dp:
             check_aggregation(AggregationSettings(strategy=args.strategy, options=options), privacy)
-            noise_key = load_noise_key()
+            noise_key = load_noise_key(secret=privacy.key_secret)
     except ValidationError as exc:
         log.error("--privacy: %s", describe_validation_error(exc))
         return EXIT_USAGE

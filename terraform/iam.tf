@@ -109,3 +109,27 @@ resource "google_storage_bucket_iam_member" "access_log_delivery" {
   role   = "roles/storage.objectCreator"
   member = "group:cloud-storage-analytics@google.com"
 }
+
+# --- Differential privacy: the server's noise key (docs/privacy.md). Terraform creates the secret and
+# lets only the Dataproc account read it; the value (64 hex digits) is added out of band, so it never
+# enters Terraform state or the repo:
+#   python -c 'import secrets; print(secrets.token_hex(32))' | gcloud secrets versions add <name> --data-file=-
+resource "google_secret_manager_secret" "dp_key" {
+  project   = var.project_id
+  secret_id = "${var.name_prefix}-dp-noise-key"
+  labels    = var.labels
+  replication {
+    user_managed {
+      replicas {
+        location = var.region
+      }
+    }
+  }
+}
+
+resource "google_secret_manager_secret_iam_member" "dataproc_reads_dp_key" {
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.dp_key.secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.dataproc.member
+}

@@ -32,3 +32,8 @@ output "buckets" {
   description = "Bucket names by role: federation, artifacts (the code the clusters run; make deploy ARTIFACTS_BUCKET=gs://<artifacts>) and access_logs."
   value       = { for key, bucket in google_storage_bucket.buckets : key => bucket.name }
 }
+
+output "dp_key_secret" {
+  description = "Secret Manager version the aggregation job reads the differential-privacy noise key from ([privacy] key_secret); add its value with gcloud secrets versions add."
+  value       = "${google_secret_manager_secret.dp_key.id}/versions/latest"
+}

@@ -152,7 +152,7 @@ def test_noise_on_the_candidate_has_the_stated_std(tmp_path):
         path = tmp_path / f"{client}.safetensors"
         path.write_bytes(tensors_to_bytes(zero))
         upload_update(store, task, client, path, num_examples=5)
-    settings = dp_settings(clip_norm=0.5, noise_multiplier=0.8, target_quantile=None, expected_clients=10)
+    settings = dp_settings(clip_norm=0.5, noise_multiplier=0.8, adaptive_clipping=False, expected_clients=10)
     report = run_aggregation(store, "r1", build_strategy("fedavg"), privacy=settings, noise_key=KEY)
     noise = candidate(store, "r1")["w"].astype(np.float64) - big["w"].astype(np.float64)
     expected_std = 0.8 * 0.5 / 10  # fixed clip: z_delta = z
@@ -209,6 +209,8 @@ def test_server_side_sampling_is_secret_and_charges_every_eligible_client(tmp_pa
     assert sampled == {c for c in deltas if noise.sampled(c, 0.5)}
     ledger, _ = read_ledger(store)
     assert ledger.rounds[0].clients == sorted(deltas)  # left-out clients are charged the sampled mechanism
+    manifest = store.get_bytes(LAYOUT.candidate_manifest("r1"))[0].decode()
+    assert '"c0' not in manifest and "clip_scale" not in manifest  # the public lineage names no client
     assert report.privacy.mechanism.sampling_rate == 0.5
 
 
@@ -287,7 +289,7 @@ def test_robust_strategies_are_refused_with_dp(strategy):
     assert RunSettings.resolve(config, "r1", {"strategy": "fedyogi"}).privacy.dp
 
 
-def test_missing_or_bad_key_is_a_clear_error(store, tmp_path):
+def test_missing_or_bad_key_is_a_clear_error(store, tmp_path, monkeypatch):
     from fedbucket.server.privacy import load_noise_key
 
     with pytest.raises(ConfigError, match="FEDBUCKET_DP_KEY is not set"):
@@ -297,6 +299,11 @@ def test_missing_or_bad_key_is_a_clear_error(store, tmp_path):
     with pytest.raises(ConfigError, match="at least 32"):
         load_noise_key({"FEDBUCKET_DP_KEY": "ab" * 8})
     assert load_noise_key({"FEDBUCKET_DP_KEY": KEY.hex()}) == KEY
+    secret = "projects/p/secrets/s/versions/latest"
+    assert load_noise_key({"FEDBUCKET_DP_KEY": KEY.hex()}, secret=secret) == KEY  # the environment wins
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-credentials.json"))
+    with pytest.raises(ConfigError, match="could not read the noise key from projects/p/secrets/s"):
+        load_noise_key({}, secret=secret)
     submit_round(store, tmp_path, "r1", {"a": delta_with_norm(1, 0.5), "b": delta_with_norm(2, 0.5)})
     with pytest.raises(ConfigError, match="noise key"):
         run_aggregation(store, "r1", build_strategy("fedavg"), privacy=dp_settings())

@@ -108,7 +108,8 @@ def render_aggregate(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["client", "aggregate"], help="run one benchmark")
+    parser.add_argument("--only", choices=["client", "aggregate", "dp"], help="run one benchmark")
+    parser.add_argument("--dp-n", type=int, default=64, help="differential privacy: updates aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
     parser.add_argument("--n", default="2,4,8,16,32,64", help="aggregation: numbers of updates")
     args = parser.parse_args()
@@ -128,9 +129,22 @@ def main() -> None:
                 max_memory_gb=12.0,
             )
         )
+    if args.only in (None, "dp"):
+        from tests.benchmarks import bench_dp
+
+        bench_dp.run(
+            argparse.Namespace(
+                n=args.dp_n, repeats=args.repeats, data_dir=str(Path(__file__).resolve().parents[2] / "bench-data")
+            )
+        )
     aggregate_json = DOCS / "benchmarks" / "aggregate.json"
     if aggregate_json.exists():
         sections.append(render_aggregate(json.loads(aggregate_json.read_text())))
+    dp_json = DOCS / "benchmarks" / "dp.json"
+    if dp_json.exists():
+        from tests.benchmarks.bench_dp import render as render_dp
+
+        sections.append(render_dp(json.loads(dp_json.read_text())))
     client_json = DOCS / "benchmarks" / "client.json"
     if client_json.exists():
         sections.append(render_client(json.loads(client_json.read_text())))

@@ -37,6 +37,7 @@ from fedbucket.protocol.documents import (
     ClosedUpdate,
     ModelManifest,
     RoundClosing,
+    RoundPrivacy,
     RoundTask,
     UpdateVerdict,
     read_document,
@@ -514,13 +515,7 @@ def run_aggregation(
             model=task.model,
             base_version=task.base_model_version,
             round_id=round_id,
-            lineage={
-                "strategy": strategy.name,
-                "strategy_options": strategy.options(),
-                "accepted": [{"client_id": s.client_id, "weight": s.weight, "clip_scale": s.scale} for s in sources],
-                "rejected": [{"client_id": v.client_id, "code": v.code} for v in verdicts if not v.accepted],
-                **({"privacy": round_privacy.model_dump(mode="json")} if round_privacy is not None else {}),
-            },
+            lineage=_lineage(strategy, sources, verdicts, round_privacy),
         )
         store.upload_file(layout.candidate_payload(round_id), candidate)
         write_document(store, layout.candidate_manifest(round_id), manifest)
@@ -542,6 +537,24 @@ def run_aggregation(
     write_document(store, layout.aggregation_report(round_id), report)
     log(report.message)
     return report
+
+
+def _lineage(
+    strategy: Strategy, sources: Sequence[UpdateSource], verdicts: Sequence[UpdateVerdict], privacy: RoundPrivacy | None
+) -> dict[str, object]:
+    """The candidate's lineage (public once promoted: every client reads model manifests).
+
+    Under DP it names no client: who took part, a clipped update's scale (which gives its norm)
+    and who the secret sample left out are facts about individuals the guarantee does not cover;
+    the server-only aggregation report keeps them."""
+    lineage: dict[str, object] = {"strategy": strategy.name, "strategy_options": strategy.options()}
+    if privacy is None:
+        lineage["accepted"] = [{"client_id": s.client_id, "weight": s.weight, "clip_scale": s.scale} for s in sources]
+        lineage["rejected"] = [{"client_id": v.client_id, "code": v.code} for v in verdicts if not v.accepted]
+        return lineage
+    lineage["accepted_count"] = len(sources)
+    lineage["privacy"] = privacy.model_dump(mode="json")
+    return lineage
 
 
 def _dp_clip_scale(clip_norm: float, l2_norm: float) -> float:

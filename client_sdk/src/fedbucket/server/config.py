@@ -150,16 +150,19 @@ class PrivacySettings(_Section):
 
     Each accepted delta is clipped to the round's norm C, the clipped deltas are summed with equal
     weights, Gaussian noise of std ``z_delta * C`` is added and the sum is divided by the fixed
-    ``expected_clients``. With ``target_quantile`` set, C follows that quantile of the update norms
+    ``expected_clients``. With ``adaptive_clipping``, C follows that quantile of the update norms
     (Andrew et al. 2021); the unclipped count gets its own noise and the two noises together form one
     Gaussian mechanism with multiplier ``noise_multiplier``, which is what the accountant charges.
     """
 
     dp: bool = Field(default=False, description="make every round's candidate differentially private")
     noise_multiplier: float = Field(default=1.0, gt=0, description="z: noise std / sensitivity of one round")
-    clip_norm: float = Field(default=0.1, gt=0, description="C of the first round (fixed when target_quantile is off)")
-    target_quantile: float | None = Field(
-        default=0.5, gt=0, lt=1, description="gamma: C follows this quantile of update norms; None keeps C fixed"
+    clip_norm: float = Field(
+        default=0.1, gt=0, description="C of the first round (of every round without adaptive_clipping)"
+    )
+    adaptive_clipping: bool = Field(default=True, description="C follows target_quantile of the update norms")
+    target_quantile: float = Field(
+        default=0.5, gt=0, lt=1, description="gamma: the share of updates C should leave unclipped"
     )
     clip_learning_rate: float = Field(default=0.2, gt=0, description="eta of the geometric clip-norm update")
     clipped_count_stddev: float | None = Field(
@@ -180,6 +183,12 @@ class PrivacySettings(_Section):
         description="server-side Poisson subsampling of the received updates (secret, before reading them): "
         "claims amplification against observers of released models only (docs/privacy.md)",
     )
+    key_secret: str | None = Field(
+        default=None,
+        pattern=r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$",
+        description="Secret Manager version holding the hex noise key, read by the aggregation job when "
+        "FEDBUCKET_DP_KEY is not set (Dataproc: terraform output dp_key_secret)",
+    )
     key_connection: str = Field(
         default="fedbucket_dp_key",
         description="Airflow connection whose password is the hex noise key (else the FEDBUCKET_DP_KEY variable)",
@@ -188,7 +197,7 @@ class PrivacySettings(_Section):
     @model_validator(mode="after")
     def _noise_split_possible(self) -> PrivacySettings:
         stddev = self.clipped_count_stddev
-        if self.target_quantile is not None and stddev is not None and 2 * stddev <= self.noise_multiplier:
+        if self.adaptive_clipping and stddev is not None and 2 * stddev <= self.noise_multiplier:
             raise ValueError(
                 f"clipped_count_stddev {stddev:g} leaves no noise for the updates: the "
                 f"count's share of z={self.noise_multiplier:g} needs 2 * clipped_count_stddev > z"
@@ -346,7 +355,7 @@ def check_aggregation(aggregation: AggregationSettings, privacy: PrivacySettings
         )
     if strategy.clip_norm is not None:
         raise ConfigError(
-            "dp clips every update itself ([privacy] clip_norm, adaptive with target_quantile): remove the "
+            "dp clips every update itself ([privacy] clip_norm, adaptive_clipping): remove the "
             "strategy's clip_norm option"
         )
 

@@ -76,7 +76,7 @@ Event = tuple[float, float | None]
 
 
 def new_noise_key() -> str:
-    """A fresh noise key, hex (``fedbucket init --new-dp-key`` prints one)."""
+    """A fresh noise key, hex: 32 bytes from the OS's CSPRNG."""
     return secrets.token_hex(KEY_BYTES)
 
 
@@ -97,10 +97,24 @@ def parse_noise_key(text: str | None, *, source: str = KEY_ENVIRONMENT) -> bytes
     return key
 
 
-def load_noise_key(environ: Mapping[str, str] | None = None) -> bytes:
-    """The key from ``FEDBUCKET_DP_KEY``."""
+def load_noise_key(environ: Mapping[str, str] | None = None, *, secret: str | None = None) -> bytes:
+    """The key from ``FEDBUCKET_DP_KEY``, else from the Secret Manager version ``secret`` (how the
+    aggregation job gets it on Dataproc, where job arguments and properties are visible to anyone
+    who can view the job)."""
     environ = os.environ if environ is None else environ
-    return parse_noise_key(environ.get(KEY_ENVIRONMENT))
+    if environ.get(KEY_ENVIRONMENT) or secret is None:
+        return parse_noise_key(environ.get(KEY_ENVIRONMENT))
+    try:
+        from google.api_core.exceptions import GoogleAPIError
+        from google.auth.exceptions import GoogleAuthError
+        from google.cloud import secretmanager
+    except ImportError:
+        raise ConfigError(f"reading the noise key from {secret} needs google-cloud-secret-manager") from None
+    try:
+        response = secretmanager.SecretManagerServiceClient().access_secret_version(name=secret)
+    except (GoogleAPIError, GoogleAuthError) as exc:
+        raise ConfigError(f"could not read the noise key from {secret}: {exc}") from None
+    return parse_noise_key(response.payload.data.decode(), source=secret)
 
 
 def _hkdf(key: bytes, info: bytes) -> bytes:
@@ -179,8 +193,8 @@ def round_mechanism(settings: PrivacySettings, *, min_clients: int, clip_norm: f
         clip_norm=clip_norm,
         denominator=denominator,
         noise_stddev=update_z * clip_norm / denominator,
-        target_quantile=settings.target_quantile,
-        clip_learning_rate=settings.clip_learning_rate if settings.target_quantile is not None else 0.0,
+        target_quantile=settings.target_quantile if settings.adaptive_clipping else None,
+        clip_learning_rate=settings.clip_learning_rate if settings.adaptive_clipping else 0.0,
         next_clip_norm=clip_norm,
         sampling_rate=settings.sampling_rate,
         charged_clients=0,
@@ -191,7 +205,7 @@ def count_stddev_for(settings: PrivacySettings, denominator: float) -> float | N
     """sigma_b: the configured one, else ``max(n-bar / 20, z)`` (TFF's and Flower's 0.05 n-bar,
     raised to z for small federations so that the count costs at most a quarter of the budget's
     precision: z_delta <= 1.16 z)."""
-    if settings.target_quantile is None:
+    if not settings.adaptive_clipping:
         return None
     if settings.clipped_count_stddev is not None:
         return settings.clipped_count_stddev
@@ -320,8 +334,8 @@ def read_ledger(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> tuple[P
 def clip_norm_for(ledger: PrivacyLedger, round_id: str, settings: PrivacySettings) -> float:
     """The clip norm a round uses: the one it was charged with (a re-run), else the last charged
     round's ``next_clip_norm``, else the configured initial one. With a fixed clip (no
-    ``target_quantile``) always the configured one."""
-    if settings.target_quantile is None:
+    ``adaptive_clipping``) always the configured one."""
+    if not settings.adaptive_clipping:
         return settings.clip_norm
     for entry in ledger.rounds:
         if entry.round_id == round_id:
