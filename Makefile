@@ -96,9 +96,10 @@ airflow: setup  ## airflow standalone with the round DAG: http://127.0.0.1:8080 
 	  AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8080 \
 	  $(BIN)/airflow standalone
 
-results: setup  ## learning quality, federated vs central: digits (20 DAG rounds) and the text example -> docs/results.md
+results: setup  ## learning quality: digits (20 DAG rounds), the text example, DP at 1,000 clients and DP-SGD -> docs/results.md
 	$(PY) examples/results.py
 	$(PY) examples/text_results.py
+	$(PY) examples/dp_results.py
 
 VERSION = $(shell $(PY) -c "import fedbucket; print(fedbucket.__version__)")+g$(shell git rev-parse --short HEAD)
 ARTIFACTS_DIR = dist/artifacts/$(VERSION)
