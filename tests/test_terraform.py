@@ -33,6 +33,8 @@ TAKES_PROJECT = {
     "google_compute_firewall",
     "google_dataproc_autoscaling_policy",
     "google_composer_environment",
+    "google_secret_manager_secret",
+    "google_secret_manager_secret_iam_member",
 }
 NO_PROJECT_ARGUMENT = {  # scoped by the bucket or service account they name
     "google_storage_bucket_object",
@@ -300,3 +302,16 @@ def test_cluster_template_is_private_shielded_and_bounded(tf):
     assert "idle_delete_ttl" in block and "auto_delete_ttl" in block
     assert "image_version = var.dataproc_image_version" in block
     assert "tags = [local.dataproc_tag]" in block
+
+
+def test_only_the_dataproc_account_reads_the_dp_noise_key_and_terraform_never_holds_it(tf):
+    """docs/privacy.md: the key that makes DP noise unsubtractable is readable by the aggregation job only."""
+    grants = [
+        body for (rtype, _), body in tf["resources"].items() if rtype == "google_secret_manager_secret_iam_member"
+    ]
+    assert [(g["role"], g["member"]) for g in grants] == [
+        ("roles/secretmanager.secretAccessor", "${google_service_account.dataproc.member}")
+    ]
+    assert not any(rtype == "google_secret_manager_secret_version" for rtype, _ in tf["resources"])  # no value in state
+    secret = tf["resources"][("google_secret_manager_secret", "dp_key")]
+    assert "user_managed" in str(secret["replication"])  # stays in the federation's region

@@ -34,3 +34,8 @@ output "composer_environment" {
   description = "Name of the Composer environment, if created."
   value       = module.fedbucket.composer_environment
 }
+
+output "dp_key_secret" {
+  description = "Secret Manager version holding the differential-privacy noise key: [privacy] key_secret in the federation config."
+  value       = module.fedbucket.dp_key_secret
+}
