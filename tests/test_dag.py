@@ -446,8 +446,8 @@ def test_a_federation_without_server_data_gates_on_federated_evaluation(store_ur
 
 @FILE_STORE_ONLY
 def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(federation, tmp_path, monkeypatch):
-    """DP-FedAvg through the real DAG: the round report, the promoted model's manifest and the ledger
-    carry epsilon; the next round would take every client past the budget, so publish refuses it."""
+    """DP-FedAvg through the real DAG: the round report carries epsilon, the promoted model's manifest
+    the enforced bound; the next round would take every client past the budget, so publish refuses it."""
     store, url = federation
     monkeypatch.setenv("FEDBUCKET_DP_KEY", "5e" * 32)  # a test key; the DAG passes it to spark-submit's env
     # z = 2: one round costs epsilon 1.99 at delta 1e-5, two rounds 2.94; the budget allows one.
@@ -461,7 +461,9 @@ def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(
     assert report.privacy.spent.epsilon == pytest.approx(1.99, abs=0.01) and report.privacy.spent.budget == 2.5
     assert [u.weight for u in report.updates if u.accepted] == [pytest.approx(1 / 3)] * 3  # uniform, n-bar = 3
     candidate_manifest, _ = read_document(store, LAYOUT.candidate_manifest("dp-1"), ModelManifest)
-    assert candidate_manifest.lineage["privacy"]["spent"]["epsilon"] == report.privacy.spent.epsilon
+    assert candidate_manifest.lineage["privacy"]["guarantee"]["epsilon_at_most"] == 2.5  # the public bound
+    model_manifest, _ = read_document(store, LAYOUT.model_manifest("dp-1"), ModelManifest)
+    assert model_manifest.lineage == candidate_manifest.lineage  # promoted: it travels with the model
 
     refused = run_dag(config, run_conf={"round_id": "dp-2"})
     states = task_states(refused)

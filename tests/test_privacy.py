@@ -24,10 +24,13 @@ from fedbucket.server.config import FederationConfig, PrivacySettings, RunSettin
 from fedbucket.server.privacy import (
     RoundNoise,
     adapt_clip_norm,
+    charge_round,
     check_budget,
+    client_histories,
     epsilon,
     read_ledger,
     round_mechanism,
+    worst_case_after,
 )
 from fedbucket.server.rounds import open_round, publish_model, set_current_model
 from fedbucket.server.strategies import build_strategy
@@ -85,6 +88,9 @@ def test_noise_is_addressed_by_element_and_secret_by_key():
     assert not np.array_equal(whole, RoundNoise.derive(KEY, "r2").tensor_noise("w", 0, 3000))  # rounds too
     assert not np.array_equal(whole, RoundNoise.derive(bytes(32), "r1").tensor_noise("w", 0, 3000))  # and keys
     assert "secret" in repr(noise) and KEY.hex() not in repr(noise)
+    boundary = 1 << 20  # draws are made in chunks of 2**20 normals: a slice across the seam is the same
+    across = noise.tensor_noise("w", boundary - 7, boundary + 5)
+    assert np.array_equal(across, noise.tensor_noise("w", 0, boundary + 5)[-12:])
 
 
 def test_noise_is_standard_normal():
@@ -132,7 +138,12 @@ def test_dp_fedavg_candidate_equals_hand_computation(store, tmp_path):
     assert mechanism.unclipped_fraction == pytest.approx(share)
     assert mechanism.next_clip_norm == pytest.approx(1.0 * math.exp(-0.2 * (share - 0.5)))
     manifest, _ = read_document(store, LAYOUT.candidate_manifest("r1"), ModelManifest)
-    assert manifest.lineage["privacy"]["spent"]["epsilon"] == pytest.approx(report.privacy.spent.epsilon)
+    public = manifest.lineage["privacy"]  # every client reads model manifests: no count, no exact epsilon
+    assert public["guarantee"] == {
+        "epsilon_at_most": 8.0, "delta": 1e-5, "accountant": "dp-accounting PLD", "max_participations": 10
+    }  # fmt: skip
+    assert "charged_clients" not in public["mechanism"] and "accepted_count" not in manifest.lineage
+    assert public["mechanism"]["noise_stddev"] == pytest.approx(mechanism.noise_stddev)
     assert report.privacy.spent.epsilon == pytest.approx(epsilon(Counter({(1.3, None): 1}), 1e-5))
 
 
@@ -184,6 +195,10 @@ def test_participation_cap_rejects_before_reading(store, tmp_path):
         if round_id == "r3":
             clients["c"] = delta_with_norm(3, 0.5)
         submit_round(store, tmp_path, round_id, clients)
+        if round_id == "r3":  # a capped client's values are never read: a NaN written over them goes unseen
+            payload = next(o.name for o in store.list("updates/a/r3/") if o.name.endswith(".safetensors"))
+            data = store.get_bytes(payload)[0]
+            store.put_bytes(payload, data[:-4] + np.array([np.nan], np.float32).tobytes())
         report = run_aggregation(store, round_id, build_strategy("fedavg"), privacy=settings, noise_key=KEY,
                                  min_clients=1)  # fmt: skip
     codes = {v.client_id: v.code for v in report.updates}
@@ -274,7 +289,10 @@ def test_budget_refuses_the_round_that_would_exceed_it(store, tmp_path):
     assert "over the budget of 5 by" in message and f"max_participations to at most {affordable}" in message
     assert check_budget(store, f"r{affordable - 1}", settings) is not None  # a re-run of a charged round passes
     capped = settings.model_copy(update={"max_participations": affordable})
-    assert check_budget(store, "next", capped).epsilon <= 5.0  # with the cap, a and b are refused instead
+    check_budget(store, "next", capped)  # with the cap, a and b would be refused instead: the round may open
+    ledger, _ = read_ledger(store)
+    worst, _ = worst_case_after(client_histories(ledger), (2.0, None), cap=affordable, delta=1e-5)
+    assert worst == pytest.approx(epsilon(Counter({(2.0, None): 1}), 1e-5))  # only a new client could join
     with pytest.raises(ConfigError, match="keep \\[privacy\\] dp = true"):
         check_budget(store, "next", PrivacySettings(dp=False))
 
@@ -327,16 +345,18 @@ def test_dp_sgd_reports_its_epsilon_keeps_counting_and_refuses_past_its_budget(t
     from fedbucket.torch.digits import TASK, digits
     from fedbucket.torch.dp_sgd import DPSGDSettings, LocalPrivacy
 
-    train = digits()[0].subset(np.arange(400))
-    training = TrainingConfig(local_epochs=1, batch_size=40, learning_rate=0.1)
+    train = digits()[0].subset(np.arange(100))
+    training = TrainingConfig(local_epochs=1, batch_size=32, learning_rate=0.1)
     model = TASK.build_model(TINY_MLP, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = tmp_path / "dp-sgd.json"
     settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=1.0, epsilon_budget=100.0)
     metrics = LocalPrivacy(settings, state).fit(model, train, training)
     assert any(not (before[k] == v).all() for k, v in model.state_dict().items())  # it trained, in place
+    local = LocalPrivacy(settings, state)
+    assert local.history == [local.planned(100, training)] == [(1.0, 0.25, 4)]  # what Opacus recorded = the plan
     direct = RDPAccountant()
-    direct.history = [(1.0, 40 / 400, 10)]  # q = batch / records, 10 steps per epoch
+    direct.history = [(1.0, 0.25, 4)]  # Opacus: 4 Poisson batches per epoch of 100 records at batch size 32
     assert metrics["dp_sgd_epsilon"] == pytest.approx(direct.get_epsilon(1e-5))
     assert set(model.state_dict()) == set(before)  # Opacus's wrapper is gone: the names the server expects
 
@@ -377,3 +397,34 @@ def test_participant_with_dp_sgd_submits_its_epsilon(tmp_path):
         assert participant.step() == "trained", participant.log
     manifest, _ = read_document(store, LAYOUT.update_manifest("hospital-a", "r1"), UpdateManifest)
     assert manifest.metrics["dp_sgd_epsilon"] == pytest.approx(privacy.epsilon) and privacy.epsilon > 0
+
+
+def test_charging_refuses_a_round_past_the_budget_before_anything_is_written(store, tmp_path):
+    """The publish check can be bypassed (settings changed mid-round): the charge itself refuses."""
+    settings = dp_settings(clip_norm=1.0, expected_clients=2, noise_multiplier=2.0, epsilon_budget=2.5)
+    submit_round(store, tmp_path, "r1", {"a": delta_with_norm(1, 0.5), "b": delta_with_norm(2, 0.5)})
+    run_aggregation(store, "r1", build_strategy("fedavg"), privacy=settings, noise_key=KEY)
+    submit_round(store, tmp_path, "r2", {"a": delta_with_norm(3, 0.5), "b": delta_with_norm(4, 0.5)})
+    with pytest.raises(PrivacyBudgetExceeded, match=r"2 client\(s\) past the budget of 2\.5"):
+        run_aggregation(store, "r2", build_strategy("fedavg"), privacy=settings, noise_key=KEY)
+    assert not store.exists(LAYOUT.candidate_payload("r2"))
+    ledger, _ = read_ledger(store)
+    assert [e.round_id for e in ledger.rounds] == ["r1"]
+
+
+def test_a_rerun_keeps_its_place_in_the_ledger(store, tmp_path):
+    settings = dp_settings(clip_norm=1.0, expected_clients=2)
+    for round_id in ("r1", "r2"):
+        submit_round(store, tmp_path, round_id, {"a": delta_with_norm(1, 0.5), "b": delta_with_norm(2, 3.0)})
+        run_aggregation(store, round_id, build_strategy("fedavg"), privacy=settings, noise_key=KEY)
+    ledger, generation = read_ledger(store)
+    next_clip = ledger.rounds[-1].privacy.mechanism.next_clip_norm
+    run_aggregation(store, "r1", build_strategy("fedavg"), privacy=settings, noise_key=KEY)  # a re-run of r1
+    ledger, _ = read_ledger(store)
+    assert [e.round_id for e in ledger.rounds] == ["r1", "r2"]
+    assert ledger.rounds[-1].privacy.mechanism.next_clip_norm == next_clip  # round 3 still starts from r2's C
+    from fedbucket.protocol.errors import PreconditionFailed
+
+    stale = ledger.rounds[0].privacy.mechanism
+    with pytest.raises(PreconditionFailed):  # a ledger read before another charge cannot overwrite it
+        charge_round(store, "r9", stale, ["z"], settings, ledger=ledger, generation=generation)

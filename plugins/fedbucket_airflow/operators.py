@@ -32,7 +32,7 @@ from fedbucket.protocol.errors import ConfigError, FedbucketError, InvalidIdenti
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import FederationConfig, RunSettings, check_task
-from fedbucket.server.privacy import KEY_ENVIRONMENT, check_budget
+from fedbucket.server.privacy import KEY_ENVIRONMENT, check_budget, parse_noise_key
 from fedbucket.server.promotion import gate_decision, gate_figures, promote_candidate
 from fedbucket.server.report import build_round_report, summary_lines
 from fedbucket.server.rounds import current_model, open_round, request_evaluation, round_id_for
@@ -94,6 +94,11 @@ class OpenRoundOperator(BaseOperator):
         self._check_recipe(store, run)
         try:  # before the round opens: no client trains for a round that would spend past the budget
             spent = check_budget(store, run.round_id, run.privacy)
+            if run.privacy.dp and run.aggregation.engine == "local":  # the key the aggregate step will need
+                parse_noise_key(
+                    noise_key_from_connection(run.privacy.key_connection) or os.environ.get(KEY_ENVIRONMENT),
+                    source=f"the Airflow connection {run.privacy.key_connection!r} (or {KEY_ENVIRONMENT})",
+                )
         except ConfigError as exc:
             raise AirflowFailException(f"differential privacy: {exc}") from None
         if spent is not None:
@@ -187,6 +192,14 @@ class RequestEvaluationOperator(RoundStepOperator):
         return {"deadline": task.deadline.isoformat(), "min_reports": task.min_reports}
 
 
+def noise_key_from_connection(conn_id: str) -> str | None:
+    """The differential-privacy noise key held as the password of an Airflow connection, if that
+    connection exists and has one. Airflow masks a connection's password in task logs."""
+    with contextlib.suppress(AirflowNotFoundException):
+        return BaseHook.get_connection(conn_id).password or None
+    return None
+
+
 class LocalSparkSubmitOperator(BaseOperator):
     """Run a fedbucket Spark job with ``spark-submit`` on this machine (``local[*]`` by default).
 
@@ -249,11 +262,8 @@ class LocalSparkSubmitOperator(BaseOperator):
             "PYSPARK_DRIVER_PYTHON": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
             "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"),
         }
-        # Without the connection the job uses FEDBUCKET_DP_KEY from this environment, or says it is missing.
-        # Airflow masks a connection's password in the task log.
-        with contextlib.suppress(AirflowNotFoundException):
-            if self.key_connection:
-                env[KEY_ENVIRONMENT] = BaseHook.get_connection(self.key_connection).password or ""
+        if self.key_connection and (key := noise_key_from_connection(self.key_connection)):
+            env[KEY_ENVIRONMENT] = key  # else the job uses FEDBUCKET_DP_KEY from here, or says it is missing
         self.log.info("running %s", " ".join(command))
         with subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

@@ -80,12 +80,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"global model {status['current_model'] or '(none yet)'}")
     privacy = status["privacy"]
     if isinstance(privacy, dict):
-        spent, mechanism = privacy["spent"], privacy["mechanism"]
-        budget = f" (budget {spent['budget']:g})" if spent.get("budget") else ""
+        guarantee, mechanism = privacy["guarantee"], privacy["mechanism"]
         print(
-            f"privacy      epsilon {spent['epsilon']:.3f}{budget} at delta {spent['delta']:g} over "
-            f"{spent['rounds']} DP round(s); last round z={mechanism['noise_multiplier']:g}, "
-            f"clip norm {mechanism['clip_norm']:.4g}"
+            f"privacy      differentially private: epsilon <= {guarantee['epsilon_at_most']:g} at delta "
+            f"{guarantee['delta']:g} per client (the federation's enforced budget); its round: z="
+            f"{mechanism['noise_multiplier']:g}, clip norm {mechanism['clip_norm']:.4g}"
         )
     round_info = status["round"]
     if not isinstance(round_info, dict):
@@ -103,7 +102,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _model_privacy(client: Client, pointer: ModelPointer | None) -> dict | None:
-    """The differential-privacy guarantee the current model's manifest carries (None: none)."""
+    """The differential-privacy guarantee the current model's manifest carries (None: none). The
+    exact epsilon spent is in the server's ledger and reports, which clients cannot read."""
     if pointer is None:
         return None
     manifest, _ = read_document(client.store, client.layout.model_manifest(pointer.version), ModelManifest)

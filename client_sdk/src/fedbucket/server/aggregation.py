@@ -37,7 +37,6 @@ from fedbucket.protocol.documents import (
     ClosedUpdate,
     ModelManifest,
     RoundClosing,
-    RoundPrivacy,
     RoundTask,
     UpdateVerdict,
     read_document,
@@ -66,6 +65,7 @@ from fedbucket.server.privacy import (
     charge_round,
     client_histories,
     clip_norm_for,
+    public_privacy,
     read_ledger,
     round_mechanism,
 )
@@ -414,7 +414,7 @@ def run_aggregation(
         if noise_key is None:
             raise ConfigError("differential privacy needs the server's noise key (FEDBUCKET_DP_KEY)")
         noise = RoundNoise.derive(noise_key, round_id)
-        ledger, _ = read_ledger(store, layout=layout)
+        ledger, ledger_generation = read_ledger(store, layout=layout)  # one read: admission and charge agree
         updates, charged, refused = _privacy_admission(updates, client_histories(ledger, excluding=round_id), dp, noise)
         mechanism = round_mechanism(dp, min_clients=task.min_clients, clip_norm=clip_norm_for(ledger, round_id, dp))
     log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
@@ -487,7 +487,9 @@ def run_aggregation(
         mechanism = mechanism.model_copy(update={"next_clip_norm": next_clip, "unclipped_fraction": share})
         if dp.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
             charged = [s.client_id for s in sources]
-        round_privacy = charge_round(store, round_id, mechanism, charged, dp, layout=layout)  # before any release
+        round_privacy = charge_round(  # before any release
+            store, round_id, mechanism, charged, dp, ledger=ledger, generation=ledger_generation, layout=layout
+        )
         plan = dataclasses.replace(plan, noise=noise, noise_stddev=mechanism.noise_stddev)
         report.privacy = round_privacy
         log(
@@ -515,7 +517,7 @@ def run_aggregation(
             model=task.model,
             base_version=task.base_model_version,
             round_id=round_id,
-            lineage=_lineage(strategy, sources, verdicts, round_privacy),
+            lineage=_lineage(strategy, sources, verdicts, public_privacy(round_privacy, dp) if dp else None),
         )
         store.upload_file(layout.candidate_payload(round_id), candidate)
         write_document(store, layout.candidate_manifest(round_id), manifest)
@@ -540,20 +542,19 @@ def run_aggregation(
 
 
 def _lineage(
-    strategy: Strategy, sources: Sequence[UpdateSource], verdicts: Sequence[UpdateVerdict], privacy: RoundPrivacy | None
+    strategy: Strategy, sources: Sequence[UpdateSource], verdicts: Sequence[UpdateVerdict], privacy: dict | None
 ) -> dict[str, object]:
     """The candidate's lineage (public once promoted: every client reads model manifests).
 
-    Under DP it names no client: who took part, a clipped update's scale (which gives its norm)
-    and who the secret sample left out are facts about individuals the guarantee does not cover;
-    the server-only aggregation report keeps them."""
+    Under DP it names no client and counts none: who took part, how many did, a clipped update's
+    scale (which gives its norm) and who the secret sample left out are facts about individuals the
+    guarantee does not cover; the server-only aggregation report and ledger keep them."""
     lineage: dict[str, object] = {"strategy": strategy.name, "strategy_options": strategy.options()}
     if privacy is None:
         lineage["accepted"] = [{"client_id": s.client_id, "weight": s.weight, "clip_scale": s.scale} for s in sources]
         lineage["rejected"] = [{"client_id": v.client_id, "code": v.code} for v in verdicts if not v.accepted]
         return lineage
-    lineage["accepted_count"] = len(sources)
-    lineage["privacy"] = privacy.model_dump(mode="json")
+    lineage["privacy"] = privacy
     return lineage
 
 

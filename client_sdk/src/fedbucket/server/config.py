@@ -234,6 +234,11 @@ class FederationConfig(_Section):
     def _engine_settings(self) -> FederationConfig:
         if self.aggregation.engine == "dataproc" and self.dataproc is None:
             raise ValueError('aggregation.engine = "dataproc" needs a [dataproc] section')
+        if self.aggregation.engine == "dataproc" and self.privacy.dp and self.privacy.key_secret is None:
+            raise ValueError(
+                "dp on Dataproc needs [privacy] key_secret: the Secret Manager version of the noise key "
+                "(terraform output dp_key_secret); the job cannot get it any other way without exposing it"
+            )
         return self
 
     @classmethod

@@ -371,16 +371,27 @@ def check_budget(
         client_histories(ledger), event, cap=settings.max_participations, delta=settings.delta
     )
     if worst > settings.epsilon_budget:
-        affordable = rounds_within_budget(event, settings)
         raise PrivacyBudgetExceeded(
             f"round {round_id} would bring {'client ' + who if who else 'a new client'} to epsilon {worst:.3f} at "
             f"delta {settings.delta:g}, over the budget of {settings.epsilon_budget:g} by "
-            f"{worst - settings.epsilon_budget:.3f}. With noise_multiplier {settings.noise_multiplier:g} one client "
-            f"can take part in {affordable} round(s) within the budget: set [privacy] max_participations to at most "
-            f"{affordable} (it is {settings.max_participations}), raise noise_multiplier, or accept that the "
-            "federation has spent its budget (raising epsilon_budget weakens what was promised)"
+            f"{worst - settings.epsilon_budget:.3f}: {_budget_hint(event, settings)}, or accept that the federation "
+            "has spent its budget (raising epsilon_budget weakens what was promised)"
         )
     return so_far
+
+
+def _budget_hint(event: Event, settings: PrivacySettings) -> str:
+    affordable = rounds_within_budget(event, settings)
+    z = f"noise_multiplier {settings.noise_multiplier:g}"
+    if affordable == 0:
+        return f"one round at {z} already costs more than the budget: raise noise_multiplier"
+    if affordable < settings.max_participations:
+        return (
+            f"at {z} one client can take part in {affordable} round(s) within the budget: set [privacy] "
+            f"max_participations to at most {affordable} (it is {settings.max_participations}) so that clients at "
+            "the cap are refused instead, or raise noise_multiplier"
+        )
+    return f"that client's earlier rounds (at other noise multipliers) leave no room for one at {z}: raise it"
 
 
 def charge_round(
@@ -390,18 +401,61 @@ def charge_round(
     clients: Iterable[str],
     settings: PrivacySettings,
     *,
+    ledger: PrivacyLedger,
+    generation: int,
     layout: BucketLayout = LAYOUT,
 ) -> RoundPrivacy:
-    """Record the round in the ledger (replacing its entry on a re-run) and return what it spent.
-    Compare-and-swap on the ledger: a concurrent writer makes this raise, never lose a charge."""
-    ledger, generation = read_ledger(store, layout=layout)
+    """Record the round in ``ledger`` (read at ``generation`` when the round's admissions were
+    decided) and return what it spent. A re-run replaces its entry in place (the order of rounds
+    is the order they were first charged: the next clip norm comes from the last one).
+
+    Raises :class:`PrivacyBudgetExceeded`, writing nothing, if a charged client would pass the
+    budget (the publish step's check makes this unreachable unless settings changed in between),
+    and :class:`~fedbucket.protocol.errors.PreconditionFailed` if the ledger changed since it was
+    read (compare-and-swap: a concurrent writer makes this fail, never lose a charge)."""
     charged = sorted(set(clients))
     mechanism = mechanism.model_copy(update={"charged_clients": len(charged)})
-    kept = [entry for entry in ledger.rounds if entry.round_id != round_id]
-    provisional = RoundPrivacy(mechanism=mechanism, spent=spent(ledger, settings))
-    entry = LedgerRound(round_id=round_id, charged_at=utcnow(), privacy=provisional, clients=charged)
-    updated = PrivacyLedger(rounds=[*kept, entry])
+    entry = LedgerRound(
+        round_id=round_id,
+        charged_at=utcnow(),
+        privacy=RoundPrivacy(mechanism=mechanism, spent=spent(ledger, settings)),  # provisional
+        clients=charged,
+    )
+    rounds = list(ledger.rounds)
+    at = next((i for i, e in enumerate(rounds) if e.round_id == round_id), None)
+    if at is None:
+        rounds.append(entry)
+    else:
+        rounds[at] = entry
+    updated = PrivacyLedger(rounds=rounds)
+    histories = client_histories(updated)
+    over = {c: epsilon(histories[c], settings.delta) for c in charged}
+    over = {c: e for c, e in over.items() if e > settings.epsilon_budget}
+    if over:
+        client, value = max(over.items(), key=lambda item: item[1])
+        raise PrivacyBudgetExceeded(
+            f"round {round_id} would take {len(over)} client(s) past the budget of {settings.epsilon_budget:g} "
+            f"(client {client} to epsilon {value:.3f}): nothing was charged or written"
+        )
     privacy = RoundPrivacy(mechanism=mechanism, spent=spent(updated, settings))
-    updated.rounds[-1] = entry.model_copy(update={"privacy": privacy})
-    write_document(store, layout.privacy_ledger, updated, if_generation_match=generation)
+    rounds[rounds.index(entry)] = entry.model_copy(update={"privacy": privacy})
+    write_document(store, layout.privacy_ledger, PrivacyLedger(rounds=rounds), if_generation_match=generation)
     return privacy
+
+
+def public_privacy(privacy: RoundPrivacy, settings: PrivacySettings) -> dict[str, object]:
+    """What a model manifest (read by every client) may say about the round's privacy: the
+    mechanism without the charged count, and the guarantee as the budget the federation enforces.
+
+    The exact epsilon spent and the number of clients charged depend on who took part (one client
+    more or less changes them), so they stay in the server-only reports and ledger."""
+    mechanism = privacy.mechanism.model_dump(mode="json", exclude={"charged_clients"})
+    return {
+        "mechanism": mechanism,
+        "guarantee": {
+            "epsilon_at_most": settings.epsilon_budget,
+            "delta": settings.delta,
+            "accountant": ACCOUNTANT,
+            "max_participations": settings.max_participations,
+        },
+    }

@@ -86,9 +86,12 @@ class LocalPrivacy:
         return _epsilon(self.history, self.settings.delta)
 
     def planned(self, examples: int, training: TrainingConfig) -> Step:
-        """The accountant's record of one round of ``training`` on ``examples`` records."""
-        rate = min(1.0, training.batch_size / examples)
-        return (self.settings.noise_multiplier, rate, training.local_epochs * math.ceil(1 / rate))
+        """The accountant's record of one round of ``training`` on ``examples`` records, as Opacus
+        1.6 makes it: its Poisson loader samples each record with ``q0 = 1 / ceil(examples /
+        batch_size)`` for ``steps = int(1 / q0)`` steps per epoch, and the accountant records the
+        rate ``1 / steps`` (>= q0: a slight over-charge)."""
+        steps = int(1 / (1 / math.ceil(examples / training.batch_size)))
+        return (self.settings.noise_multiplier, 1 / steps, training.local_epochs * steps)
 
     def check_budget(self, examples: int, training: TrainingConfig) -> float:
         """The epsilon this round would bring; :class:`PrivacyBudgetExceeded` past the budget."""
@@ -145,14 +148,12 @@ class LocalPrivacy:
         private_model.train()
         try:
             for _ in range(training.local_epochs):
-                for x, y in private_loader:
+                for x, y in private_loader:  # an empty Poisson batch still steps: Opacus adds the noise
                     private_optimiser.zero_grad()
-                    if len(y) == 0:  # Poisson sampling can draw an empty batch: the step still counts
-                        private_optimiser.step()
-                        continue
                     loss_fn(forward(private_model, x), y).backward()
                     private_optimiser.step()
         finally:
+            private_optimiser.zero_grad(set_to_none=True)  # drop per-sample and summed gradients
             private_model._close()  # remove Opacus's hooks: ``model`` is a plain module again
         self.history.extend(engine.accountant.history)
         self._save()
