@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import secrets
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_section import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -172,17 +172,6 @@ def dp_sgd_runs(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write_section(text: str) -> None:
-    path = DOCS / "results.md"
-    current = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in current:
-        current = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def plot(plain: list[dict], private: list[dict], args: argparse.Namespace) -> None:
     import matplotlib
 
@@ -279,7 +268,7 @@ epochs, clip 1.0, batch 64; epsilon from Opacus's RDP accountant at delta = 1e-5
 |---:|---:|---:|
 {sgd}
 """
-    write_section(text)
+    write_section(BEGIN, END, text)
     (DOCS / "benchmarks").mkdir(exist_ok=True)
     (DOCS / "benchmarks" / "dp_results.json").write_text(
         json.dumps({"args": vars(args), "plain": plain, "private": private, "dp_sgd": local}, indent=1)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from results_section import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -107,17 +107,6 @@ def federated_run(train, test, *, scheme: str, clients: int, rounds: int, seed: 
             print(f"{scheme} round {number}: {json.dumps(rows[-1])}", flush=True)
     union = [p.train for p in participants]
     return rows, type(train)(np.concatenate([u.x for u in union]), np.concatenate([u.y for u in union]))
-
-
-def write_section(text: str) -> None:
-    path = DOCS / "results.md"
-    current = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in current:
-        current = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
 
 
 def main() -> int:
@@ -227,7 +216,7 @@ def main() -> int:
         "![test macro-F1 per round, text example](results-text.png)",
         "",
     ]
-    write_section("\n".join(lines))
+    write_section(BEGIN, END, "\n".join(lines))
     print(f"wrote the text section of {DOCS / 'results.md'}")
     return 0
 

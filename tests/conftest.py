@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbucket import ModelSpec, ObjectStore, TrainingConfig, open_store
+from fedbucket import LAYOUT, ModelSpec, ObjectStore, TrainingConfig, open_store
 from fedbucket.protocol.documents import RoundTask, utcnow
 from fedbucket.server.rounds import open_round, publish_model, set_current_model
 from fedbucket.sim.emulator import FakeGCSServer
@@ -62,6 +62,32 @@ def tiny_model(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 TINY_SPEC = ModelSpec(name="tests.tiny")
+
+
+def submit_deltas(
+    store: ObjectStore,
+    tmp_path: Path,
+    round_id: str,
+    base: dict[str, np.ndarray],
+    deltas: dict[str, dict],
+    examples: dict[str, int] | None = None,
+) -> RoundTask:
+    """Publish ``base`` as the current model if there is none, open ``round_id`` (quorum 2) and
+    upload each client's delta through the SDK (``examples``: claimed counts, default 10)."""
+    from fedbucket import tensors_to_bytes
+    from fedbucket.client import upload_update
+
+    if not store.exists(LAYOUT.current_model):
+        manifest = publish_model(store, base, version="init", model=TINY_SPEC)
+        set_current_model(store, manifest, expected_generation=0)
+    task = open_round(
+        store, round_id=round_id, opened_at=utcnow(), deadline_seconds=3600, training=TrainingConfig(), min_clients=2
+    )
+    for client_id, delta in deltas.items():
+        path = tmp_path / f"{round_id}-{client_id}.safetensors"
+        path.write_bytes(tensors_to_bytes(delta))
+        upload_update(store, task, client_id, path, num_examples=(examples or {}).get(client_id, 10))
+    return task
 
 
 @pytest.fixture

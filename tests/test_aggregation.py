@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import TINY_SPEC
-from fedbucket import LAYOUT, ObjectStore, TrainingConfig, tensors_to_bytes
+from conftest import submit_deltas
+from fedbucket import LAYOUT, ObjectStore, tensors_to_bytes
 from fedbucket.client import upload_update
 from fedbucket.protocol.documents import AggregationReport, ModelManifest, read_document, utcnow
 from fedbucket.server.aggregation import run_aggregation
 from fedbucket.server.promotion import promote_candidate
-from fedbucket.server.rounds import freeze_round, open_round, publish_model, set_current_model
+from fedbucket.server.rounds import freeze_round
 from fedbucket.server.strategies import STRATEGIES, build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,17 +38,7 @@ def setup_round(
     store: ObjectStore, tmp_path: Path, deltas: dict[str, dict], examples: dict[str, int], round_id: str = "r1"
 ):
     """Publish ``random_model(0)`` as the current model if none, open a round, submit the deltas."""
-    if not store.exists(LAYOUT.current_model):
-        manifest = publish_model(store, random_model(0), version="init", model=TINY_SPEC)
-        set_current_model(store, manifest, expected_generation=0)
-    task = open_round(
-        store, round_id=round_id, opened_at=utcnow(), deadline_seconds=3600, training=TrainingConfig(), min_clients=2
-    )
-    for client_id, delta in deltas.items():
-        path = tmp_path / f"{round_id}-{client_id}.safetensors"
-        path.write_bytes(tensors_to_bytes(delta))
-        upload_update(store, task, client_id, path, num_examples=examples[client_id])
-    return task
+    return submit_deltas(store, tmp_path, round_id, random_model(0), deltas, examples)
 
 
 def client_deltas(n: int, seed: int = 100) -> tuple[dict[str, dict], dict[str, int]]:

@@ -14,7 +14,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from scipy import stats
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, submit_deltas
 from fedbucket import LAYOUT, ModelSpec, ObjectStore, TrainingConfig, tensors_from_bytes, tensors_to_bytes
 from fedbucket.client import upload_update
 from fedbucket.protocol.documents import AggregationReport, ModelManifest, read_document, utcnow
@@ -57,16 +57,7 @@ def delta_with_norm(seed: int, norm: float) -> dict[str, np.ndarray]:
 
 
 def submit_round(store: ObjectStore, tmp_path: Path, round_id: str, deltas: dict[str, dict]) -> None:
-    if not store.exists(LAYOUT.current_model):
-        manifest = publish_model(store, base_model(), version="init", model=TINY_SPEC)
-        set_current_model(store, manifest, expected_generation=0)
-    task = open_round(
-        store, round_id=round_id, opened_at=utcnow(), deadline_seconds=3600, training=TrainingConfig(), min_clients=2
-    )
-    for client_id, delta in deltas.items():
-        path = tmp_path / f"{round_id}-{client_id}.safetensors"
-        path.write_bytes(tensors_to_bytes(delta))
-        upload_update(store, task, client_id, path, num_examples=10)
+    submit_deltas(store, tmp_path, round_id, base_model(), deltas)
 
 
 def candidate(store: ObjectStore, round_id: str) -> dict[str, np.ndarray]:
@@ -428,3 +419,26 @@ def test_a_rerun_keeps_its_place_in_the_ledger(store, tmp_path):
     stale = ledger.rounds[0].privacy.mechanism
     with pytest.raises(PreconditionFailed):  # a ledger read before another charge cannot overwrite it
         charge_round(store, "r9", stale, ["z"], settings, ledger=ledger, generation=generation)
+
+
+@pytest.mark.spark
+def test_spark_job_writes_the_same_private_candidate_as_in_process(store, store_url, tmp_path, monkeypatch):
+    """The same keyed noise in Spark executors as in one process: byte-identical candidates."""
+    from test_aggregation import spark_submit
+
+    submit_round(store, tmp_path, "r1", {f"c{i}": delta_with_norm(i, 0.4 + i) for i in range(3)})
+    settings = dp_settings(clip_norm=1.0, expected_clients=3)
+    run_aggregation(store, "r1", build_strategy("fedavgm"), privacy=settings, noise_key=KEY, shard_elements=100)
+    serial = store.get_bytes(LAYOUT.candidate_payload("r1"))[0]
+    arguments = ("--round", "r1", "--strategy", "fedavgm", "--shard-elements", "333")
+    missing = spark_submit(store_url, *arguments, "--privacy", settings.model_dump_json())
+    assert missing.returncode == 2 and "FEDBUCKET_DP_KEY is not set" in missing.stdout, missing.stdout[-2000:]
+    bad = spark_submit(store_url, *arguments, "--privacy", '{"dp": true, "noise_multiplier": -1}')
+    assert bad.returncode == 2 and "--privacy" in bad.stdout
+
+    monkeypatch.setenv("FEDBUCKET_DP_KEY", KEY.hex())  # the job's environment, never its arguments
+    run = spark_submit(store_url, *arguments, "--privacy", settings.model_dump_json())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert store.get_bytes(LAYOUT.candidate_payload("r1"))[0] == serial  # other engine, other sharding
+    assert KEY.hex() not in run.stdout + run.stderr
+    assert "dp: clip norm 1" in run.stdout and "epsilon" in run.stdout

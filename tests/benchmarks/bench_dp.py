@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> dict:
         name: {
             "seconds": m["seconds"],
             "median_s": statistics.median(m["seconds"]),
+            "validate_median_s": statistics.median(t["validate_s"] for t in m["inner"]),
             "aggregate_median_s": statistics.median(t["aggregate_s"] for t in m["inner"]),
             "inner_median_s": statistics.median(t["total_s"] for t in m["inner"]),
             "peak_rss_bytes": max(m["peak"]),
@@ -102,8 +103,16 @@ def render(data: dict) -> str:
     lines += [
         "",
         f"DP costs **{data['ratio_end_to_end']:.2f}x** end to end and {data['ratio_aggregate']:.2f}x in the "
-        "aggregate phase (the noise: 16 bytes of AES-CTR keystream and a Box-Muller transform per parameter, "
-        "drawn in the executors for their own shards).",
+        "aggregate phase. Where the extra time goes: validation computes every update's exact norm (float64, "
+        "fixed order: the norm decides the clipping, so a re-run must get the same bits), and the aggregate phase "
+        "draws the noise (16 bytes of AES-CTR keystream and a Box-Muller transform per parameter, in the "
+        "executors, each for its own shards)."
+        + (
+            f" Validation median: {rows['fedavg']['validate_median_s']:.1f} s without DP, "
+            f"{rows['dp_fedavg']['validate_median_s']:.1f} s with it."
+            if "validate_median_s" in rows["fedavg"]
+            else ""
+        ),
         "",
     ]
     return "\n".join(lines)
