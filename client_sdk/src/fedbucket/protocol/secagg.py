@@ -1,0 +1,227 @@
+"""Secure aggregation primitives both sides share (Bonawitz et al. 2017, "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning"; Bell et al. 2020, SecAgg+).
+
+Everything cryptographic comes from ``cryptography`` (X25519, HKDF-SHA256, ChaCha20-Poly1305,
+AES-256-CTR); only Shamir secret sharing is written here, over the prime field GF(2^521 - 1) with
+Python integers, because the secrets are whole 32-byte seeds and keys (no folding, no splitting
+into halves) and the field arithmetic is a dozen lines that the tests check exhaustively.
+
+Invariants:
+
+- Masks live in the ring of uint32 modulo 2^32; element ``i`` of a mask is word ``i`` of an
+  AES-256-CTR keystream keyed by HKDF of a 32-byte seed, so any slice can be expanded alone (a
+  Spark executor regenerates only its shard) and equals the same slice of a longer expansion.
+- Pairwise mask seeds come from X25519 agreement and are never sent; what travels is encrypted
+  under a key only the two parties can derive, with associated data binding round, sender and
+  receiver, so a share replayed into another round or to another receiver fails authentication.
+- Secret randomness comes from the OS (``secrets``, X25519 key generation), never a seeded PRNG.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedbucket.protocol.errors import UpdateRejected
+
+#: The ring masked inputs live in: uint32, arithmetic modulo 2^32.
+RING_BITS = 32
+SEED_BYTES = 32
+#: The Mersenne prime 2^521 - 1: larger than any 32-byte secret, so a secret is one field element.
+PRIME = (1 << 521) - 1
+_SHARE_BYTES = 66  # ceil(521 / 8)
+
+
+class InvalidShare(UpdateRejected):
+    """A secure-aggregation message failed authentication (forged, replayed, or for another
+    round, sender or receiver) or does not decode."""
+
+    code = "invalid_share"
+
+
+# -- Shamir secret sharing over GF(2^521 - 1) -------------------------------------------------
+
+
+def split_secret(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[int, bytes]:
+    """Shares of ``secret`` (at most 65 bytes) for the holders at x-coordinates ``holders`` (distinct,
+    1 <= x < PRIME): any ``threshold`` of them reconstruct it, fewer reveal nothing."""
+    if not 1 <= threshold <= len(holders):
+        raise ValueError(f"threshold must be between 1 and the {len(holders)} holders, got {threshold}")
+    if len(set(holders)) != len(holders) or any(not 0 < x < PRIME for x in holders):
+        raise ValueError("holders must be distinct x-coordinates in [1, PRIME)")
+    value = int.from_bytes(secret, "big")
+    if value >= PRIME:
+        raise ValueError("secret too long for the field")
+    coefficients = [value] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in holders:
+        y = 0
+        for c in reversed(coefficients):  # Horner: sum c_k x^k mod p
+            y = (y * x + c) % PRIME
+        shares[x] = y.to_bytes(_SHARE_BYTES, "big")
+    return shares
+
+
+def combine_shares(shares: Mapping[int, bytes], threshold: int, length: int = SEED_BYTES) -> bytes:
+    """The secret (``length`` bytes) from at least ``threshold`` shares: Lagrange interpolation at 0."""
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} share(s); reconstruction needs {threshold}")
+    points = [(x, int.from_bytes(y, "big")) for x, y in sorted(shares.items())[:threshold]]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (-xj) % PRIME
+                denominator = denominator * (xi - xj) % PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    if secret >> (8 * length):
+        raise ValueError(f"the shares do not interpolate to a {length}-byte secret: they are inconsistent")
+    return secret.to_bytes(length, "big")
+
+
+# -- keys, agreement, authenticated encryption -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair; ``public`` is the 32 raw bytes that travel."""
+
+    private: bytes
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        key = X25519PrivateKey.generate()
+        raw = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return cls(raw, public_bytes(raw))
+
+    def __repr__(self) -> str:  # never log a private key
+        return f"KeyPair(public={self.public.hex()[:16]}…)"
+
+
+def public_bytes(private: bytes) -> bytes:
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def agree(private: bytes, peer_public: bytes, purpose: str, context: bytes) -> bytes:
+    """A 32-byte key both parties derive alone: HKDF-SHA256 of the X25519 shared secret, bound to
+    ``purpose`` (encryption or masking) and ``context`` (the round and the sorted pair)."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    info = b"fedbucket/secagg/v1/" + purpose.encode() + b"/" + context
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def message_context(round_id: str, sender: str, receiver: str) -> bytes:
+    """The associated data of one encrypted message: round, sender and receiver, length-prefixed."""
+    return b"".join(len(p).to_bytes(2, "big") + p for p in (round_id.encode(), sender.encode(), receiver.encode()))
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """ChaCha20-Poly1305 with a random 96-bit nonce (prepended)."""
+    nonce = secrets.token_bytes(12)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
+    """The plaintext of :func:`seal`'s output; :class:`InvalidShare` if it was altered, replayed
+    under other associated data, or sealed with another key."""
+    if len(sealed) < 12 + 16:
+        raise InvalidShare("sealed message too short")
+    try:
+        return ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:], associated)
+    except InvalidTag:
+        raise InvalidShare("authentication failed: forged, replayed, or addressed to another round or client") from None
+
+
+# -- masks and quantisation --------------------------------------------------------------------
+
+
+def mask_words(seed: bytes, start: int, stop: int) -> np.ndarray:
+    """Words ``start`` to ``stop - 1`` (uint32) of the mask expanded from ``seed``: AES-256-CTR with
+    an HKDF-derived key, counter block ``i`` holding words ``4i`` to ``4i + 3``."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError("mask seeds are 32 bytes")
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedbucket/secagg/v1/mask").derive(seed)
+    first, last = start // 4, (stop + 3) // 4
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(first.to_bytes(16, "big"))).encryptor()
+    words = np.frombuffer(encryptor.update(bytes(16 * (last - first))), dtype="<u4")
+    return words[start - 4 * first : stop - 4 * first]
+
+
+@dataclass(frozen=True)
+class Quantiser:
+    """Maps a clipped float vector into the ring and a sum of ``clients`` such vectors back.
+
+    Each coordinate of a vector of L2 norm at most ``clip`` lies in [-clip, clip] and becomes
+    ``round((x + clip) / (2 clip) * levels)`` in [0, levels]; ``levels = floor((2^32 - 1) / clients)``
+    so that the sum of ``clients`` values never wraps modulo 2^32.
+    """
+
+    clip: float
+    clients: int
+
+    @property
+    def levels(self) -> int:
+        return ((1 << RING_BITS) - 1) // self.clients
+
+    def quantise(self, values: np.ndarray) -> np.ndarray:
+        scaled = (np.clip(values, -self.clip, self.clip) + self.clip) / (2 * self.clip) * self.levels
+        return np.rint(scaled).astype(np.uint32)
+
+    def dequantise_sum(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The float sum of ``count`` quantised vectors whose ring sum is ``total``."""
+        return total.astype(np.float64) / self.levels * (2 * self.clip) - count * self.clip
+
+
+# -- the protocol's shared data -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Advertised:
+    """Phase 1 output: the two public keys."""
+
+    cipher_public: bytes
+    mask_public: bytes
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the server publishes after phase 1: who advertised (with their keys and x-coordinates),
+    each client's neighbours and the reconstruction threshold."""
+
+    round_id: str
+    keys: Mapping[str, Advertised]
+    x: Mapping[str, int]
+    neighbours: Mapping[str, tuple[str, ...]]
+    threshold: int
+
+
+def pair_context(round_id: str, a: str, b: str) -> bytes:
+    low, high = sorted((a, b))
+    return message_context(round_id, low, high)
+
+
+def pairwise_sign(me: str, other: str) -> int:
+    """+1 if ``me`` sorts before ``other``: the pair's masks cancel in the sum."""
+    return 1 if me < other else -1
+
+
+def masked_sum_inplace(out: np.ndarray, words: np.ndarray, sign: int) -> None:
+    """``out += sign * words`` modulo 2^32 (uint32 arithmetic wraps)."""
+    if sign > 0:
+        np.add(out, words, out=out)
+    else:
+        np.subtract(out, words, out=out)

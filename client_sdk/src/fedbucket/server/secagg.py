@@ -1,0 +1,153 @@
+"""The server's side of secure aggregation: the neighbour graph, and removing the masks.
+
+The server never sees an individual update: it sums the masked inputs of the survivors modulo
+2^32, reconstructs from the revealed Shamir shares the seeds it is entitled to — the self-mask
+seed of every survivor, the mask private key of every client that shared keys but sent no masked
+input — and subtracts the masks those seeds expand to. What is left is the exact ring sum of the
+survivors' quantised updates. Removing masks is per element range (:func:`unmask_range`), so Spark
+executors each regenerate only their shard's slice of every mask.
+
+Below the threshold (too few survivors, or too few shares for a secret the server needs) the round
+is abandoned with a reason (:class:`SecAggAbandoned`): nothing is released.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedbucket.protocol.errors import FedbucketError
+from fedbucket.protocol.secagg import (
+    SEED_BYTES,
+    Advertised,
+    Setup,
+    agree,
+    combine_shares,
+    mask_words,
+    masked_sum_inplace,
+    pair_context,
+    pairwise_sign,
+)
+
+
+class SecAggAbandoned(FedbucketError):
+    """Secure aggregation cannot finish: below the threshold at some phase. The reason says where."""
+
+
+def neighbour_graph(clients: Sequence[str], degree: int | None) -> dict[str, tuple[str, ...]]:
+    """Each client's neighbours: everyone (``degree`` None or at least n - 1), else a random
+    ``degree``-regular circulant graph (Harary) over a secret random ordering of the clients
+    (SecAgg+, Bell et al. 2020: degree O(log n) keeps the per-client cost logarithmic)."""
+    ordered = sorted(clients)
+    n = len(ordered)
+    if degree is None or degree >= n - 1:
+        return {c: tuple(v for v in ordered if v != c) for c in ordered}
+    if degree < 2 or degree % 2:
+        raise ValueError("a sparse neighbour graph needs an even degree of at least 2")
+    ring = list(ordered)
+    for i in range(n - 1, 0, -1):  # Fisher-Yates with the OS's randomness
+        j = secrets.randbelow(i + 1)
+        ring[i], ring[j] = ring[j], ring[i]
+    neighbours: dict[str, set[str]] = {c: set() for c in ring}
+    for i, client in enumerate(ring):
+        for step in range(1, degree // 2 + 1):
+            other = ring[(i + step) % n]
+            neighbours[client].add(other)
+            neighbours[other].add(client)
+    return {c: tuple(sorted(vs)) for c, vs in sorted(neighbours.items())}
+
+
+def make_setup(
+    round_id: str, advertised: Mapping[str, Advertised], *, degree: int | None = None, threshold: int | None = None
+) -> Setup:
+    """The setup the server publishes after phase 1. ``threshold`` defaults to a strict majority of
+    each neighbourhood (``floor(k / 2) + 1``; fewer colluders than that learn nothing)."""
+    clients = sorted(advertised)
+    neighbours = neighbour_graph(clients, degree)
+    smallest = min(len(v) for v in neighbours.values())
+    threshold = threshold or smallest // 2 + 1
+    if not 2 <= threshold <= smallest:
+        raise SecAggAbandoned(f"threshold {threshold} is impossible with neighbourhoods of {smallest} client(s)")
+    return Setup(
+        round_id=round_id,
+        keys=dict(advertised),
+        x={c: i + 1 for i, c in enumerate(clients)},
+        neighbours=neighbours,
+        threshold=threshold,
+    )
+
+
+@dataclass(frozen=True)
+class UnmaskPlan:
+    """The masks to subtract from the survivors' ring sum: ``(seed, sign)`` pairs, where the sum
+    holds ``+sign * PRG(seed)``. Small and picklable; executors expand their own slices."""
+
+    survivors: tuple[str, ...]
+    corrections: tuple[tuple[bytes, int], ...]
+
+    def __repr__(self) -> str:  # the seeds are secrets the server is entitled to, not log material
+        return f"UnmaskPlan({len(self.survivors)} survivors, {len(self.corrections)} masks)"
+
+
+def plan_unmasking(
+    setup: Setup,
+    shared: Sequence[str],
+    survivors: Sequence[str],
+    responses: Mapping[str, Mapping[str, tuple[str, bytes]]],
+) -> UnmaskPlan:
+    """Reconstruct what the server may know and list the masks to remove.
+
+    ``shared``: clients whose phase-2 shares were delivered (U2); ``survivors``: clients whose
+    masked input arrived (U3, a subset of U2); ``responses``: phase-4 answers by responder
+    (``{neighbour: ("seed" | "key", share)}``). Raises :class:`SecAggAbandoned` below the threshold.
+    """
+    u2, u3 = set(shared), set(survivors)
+    if not u3 <= u2:
+        raise SecAggAbandoned("a masked input came from a client that never shared keys")
+    if len(u3) < setup.threshold:
+        raise SecAggAbandoned(f"{len(u3)} masked input(s), fewer than the threshold of {setup.threshold}")
+    seed_shares: dict[str, dict[int, bytes]] = {}
+    key_shares: dict[str, dict[int, bytes]] = {}
+    for responder, answers in responses.items():
+        if responder not in u3:
+            continue  # only survivors answer phase 4
+        for about, (kind, share) in answers.items():
+            if responder not in setup.neighbours.get(about, ()):
+                continue  # a share it cannot hold: ignore rather than trust
+            expected = "seed" if about in u3 else "key"
+            if kind != expected:
+                raise SecAggAbandoned(
+                    f"{responder} revealed a {kind} share of {about}; the protocol asks for {expected}"
+                )
+            (seed_shares if kind == "seed" else key_shares).setdefault(about, {})[setup.x[responder]] = share
+    corrections: list[tuple[bytes, int]] = []
+    for u in sorted(u3):
+        shares = seed_shares.get(u, {})
+        if len(shares) < setup.threshold:
+            raise SecAggAbandoned(
+                f"{len(shares)} share(s) of {u}'s self mask, fewer than the threshold {setup.threshold}"
+            )
+        corrections.append((combine_shares(shares, setup.threshold, SEED_BYTES), +1))
+    for v in sorted(u2 - u3):  # shared keys, then dropped: remove the pairwise masks survivors added for it
+        shares = key_shares.get(v, {})
+        if len(shares) < setup.threshold:
+            raise SecAggAbandoned(f"{len(shares)} share(s) of dropped {v}'s mask key, fewer than the threshold")
+        private = combine_shares(shares, setup.threshold, 32)
+        for u in setup.neighbours[v]:
+            if u in u3:
+                seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
+                corrections.append((seed, pairwise_sign(u, v)))
+    return UnmaskPlan(tuple(sorted(u3)), tuple(corrections))
+
+
+def unmask_range(masked_sum: np.ndarray, plan: UnmaskPlan, start: int) -> np.ndarray:
+    """The ring sum of the survivors' quantised values for elements ``start`` to
+    ``start + len(masked_sum)``: ``masked_sum`` minus every mask of ``plan`` on that range."""
+    out = np.array(masked_sum, dtype=np.uint32, copy=True)
+    stop = start + out.size
+    for seed, sign in plan.corrections:
+        masked_sum_inplace(out, mask_words(seed, start, stop), -sign)
+    return out

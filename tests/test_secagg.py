@@ -1,0 +1,174 @@
+"""Secure aggregation, the protocol core (no bucket yet): Shamir over GF(2^521 - 1), addressable
+masks, the four client phases and the server's unmasking, with dropouts after every phase; the
+unmasked sum equals the plain sum of the quantised updates exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import secrets
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedbucket.client.secagg import SecAggClient
+from fedbucket.protocol.errors import ConfigError
+from fedbucket.protocol.secagg import (
+    PRIME,
+    InvalidShare,
+    Quantiser,
+    combine_shares,
+    mask_words,
+    message_context,
+    open_sealed,
+    seal,
+    split_secret,
+)
+from fedbucket.server.secagg import SecAggAbandoned, make_setup, neighbour_graph, plan_unmasking, unmask_range
+
+ROUND = "r1"
+SIZE = 1003  # not a multiple of the 4 words per AES block
+
+
+def test_shamir_any_threshold_subset_reconstructs_and_fewer_do_not():
+    secret = secrets.token_bytes(32)
+    shares = split_secret(secret, 3, [1, 2, 3, 4, 5])
+    for subset in itertools.combinations(shares, 3):
+        assert combine_shares({x: shares[x] for x in subset}, 3) == secret
+    two = {x: shares[x] for x in (1, 4)}
+    with pytest.raises(ValueError, match="needs 3"):
+        combine_shares(two, 3)
+    # two shares are consistent with any secret: interpolating them as a line gives a random value
+    assert combine_shares(two, 2, length=66) != secret.rjust(66, b"\0")
+    assert all(int.from_bytes(s, "big") < PRIME for s in shares.values())
+
+
+def test_masks_are_addressable_slices():
+    seed = secrets.token_bytes(32)
+    whole = mask_words(seed, 0, 5000)
+    for start, stop in ((0, 1), (3, 9), (1001, 3999), (4999, 5000)):
+        assert np.array_equal(mask_words(seed, start, stop), whole[start:stop])
+    assert whole.dtype == np.uint32
+
+
+def test_aead_binds_round_sender_and_receiver():
+    key = secrets.token_bytes(32)
+    sealed = seal(key, b"share", message_context("r1", "a", "b"))
+    assert open_sealed(key, sealed, message_context("r1", "a", "b")) == b"share"
+    for other in (message_context("r2", "a", "b"), message_context("r1", "c", "b"), message_context("r1", "a", "c")):
+        with pytest.raises(InvalidShare) as refused:
+            open_sealed(key, sealed, other)  # replayed into another round, or to / from another client
+        assert refused.value.code == "invalid_share"
+    forged = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(InvalidShare):
+        open_sealed(key, forged, message_context("r1", "a", "b"))
+
+
+def run_protocol(n: int, drop: dict[int, float], *, degree: int | None = None, seed: int = 0):
+    """n clients through the four phases; ``drop[p]``: share of the remaining clients lost after phase p.
+    Returns (unmasked ring sum, plain ring sum of the survivors' quantised values, survivors)."""
+    rng = np.random.default_rng(seed)  # the test's choices of data and dropouts, not secrets
+    quantiser = Quantiser(clip=1.0, clients=n)
+    clients = {f"c{i:03d}": SecAggClient(f"c{i:03d}", ROUND) for i in range(n)}
+    updates = {c: quantiser.quantise(rng.uniform(-1, 1, SIZE)) for c in clients}
+
+    def keep(alive: list[str], phase: int) -> list[str]:
+        lost = round(drop.get(phase, 0.0) * len(alive))
+        gone = set(rng.choice(alive, size=lost, replace=False)) if lost else set()
+        return [c for c in alive if c not in gone]
+
+    advertised = {c: clients[c].advertise() for c in keep(sorted(clients), 0)}
+    alive = keep(sorted(advertised), 1)  # lost after advertising: never share keys
+    setup = make_setup(ROUND, advertised, degree=degree)
+    outboxes = {c: clients[c].share_keys(setup) for c in alive}
+    u2 = keep(sorted(outboxes), 2)  # their shares are not delivered
+    for c in u2:
+        clients[c].receive({s: outboxes[s][c] for s in u2 if c in outboxes[s]})
+    masked = {c: clients[c].masked_input(updates[c], u2) for c in u2}
+    u3 = keep(sorted(masked), 3)  # masked input lost
+    responses = {}
+    for c in keep(u3, 4):  # some survivors never answer phase 4; one below its threshold refuses to
+        with contextlib.suppress(ConfigError):
+            responses[c] = clients[c].unmask(u3)
+    total = np.zeros(SIZE, dtype=np.uint32)
+    for c in u3:
+        total += masked[c]
+    plan = plan_unmasking(setup, u2, u3, responses)
+    unmasked = np.concatenate([unmask_range(total[a : a + 250], plan, a) for a in range(0, SIZE, 250)])
+    plain = np.zeros(SIZE, dtype=np.uint32)
+    for c in u3:
+        plain += updates[c]
+    return unmasked, plain, u3
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
+def test_unmasked_sum_is_exact_with_dropouts_after_each_phase(phase, fraction):
+    unmasked, plain, survivors = run_protocol(20, {phase: fraction}, seed=phase)
+    assert np.array_equal(unmasked, plain)
+    assert len(survivors) == 20 - (round(fraction * 20) if phase in (1, 2, 3) else 0)
+
+
+def test_sparse_secagg_plus_graph_with_dropouts_everywhere():
+    graph = neighbour_graph([f"c{i:03d}" for i in range(40)], 16)
+    assert {len(v) for v in graph.values()} == {16} and all(c not in v for c, v in graph.items())
+    assert all(c in graph[v] for c, vs in graph.items() for v in vs)  # symmetric
+    unmasked, plain, _ = run_protocol(40, {1: 0.05, 2: 0.05, 3: 0.1, 4: 0.05}, degree=16, seed=7)
+    assert np.array_equal(unmasked, plain)
+
+
+def test_below_the_threshold_the_round_is_abandoned_with_a_reason():
+    with pytest.raises(SecAggAbandoned, match="fewer than the threshold"):
+        run_protocol(10, {3: 0.7}, seed=3)
+
+
+def test_a_client_never_reveals_both_secrets_of_a_neighbour():
+    clients = {c: SecAggClient(c, ROUND) for c in ("a", "b", "c", "d")}
+    setup = make_setup(ROUND, {c: x.advertise() for c, x in clients.items()})
+    outboxes = {c: x.share_keys(setup) for c, x in clients.items()}
+    for c, x in clients.items():
+        x.receive({s: outboxes[s][c] for s in clients if s != c})
+    for x in clients.values():
+        x.masked_input(np.zeros(8, np.uint32), list(clients))
+    first = clients["a"].unmask(["a", "b", "c", "d"])
+    assert {kind for kind, _ in first.values()} == {"seed"}
+    with pytest.raises(ConfigError, match="already answered"):
+        clients["a"].unmask(["a", "b", "c"])  # now claiming d dropped: d's key share would follow its seed share
+
+
+def test_a_forged_share_is_refused_on_delivery():
+    a, b, c = (SecAggClient(x, ROUND) for x in ("a", "b", "c"))
+    setup = make_setup(ROUND, {x.client_id: x.advertise() for x in (a, b, c)})
+    to_b = a.share_keys(setup)["b"]
+    b.share_keys(setup)
+    with pytest.raises(InvalidShare):
+        b.receive({"a": to_b[:-1] + bytes([to_b[-1] ^ 0x55])})
+    with pytest.raises(InvalidShare):
+        b.receive({"c": to_b})  # a's message presented as c's
+
+
+def test_a_masked_input_looks_uniform():
+    """The server's view of one client: its masked input. Even for an all-zero update, the 32-bit
+    words are uniform (chi-square on the top byte and on the bottom byte)."""
+    unmasked_clients = [SecAggClient(c, ROUND) for c in ("a", "b", "c")]
+    setup = make_setup(ROUND, {x.client_id: x.advertise() for x in unmasked_clients})
+    outboxes = {x.client_id: x.share_keys(setup) for x in unmasked_clients}
+    for x in unmasked_clients:
+        x.receive({s: outboxes[s][x.client_id] for s in outboxes if s != x.client_id})
+    masked = unmasked_clients[0].masked_input(np.zeros(200_000, np.uint32), ["a", "b", "c"])
+    for byte in (masked >> 24, masked & 0xFF):
+        counts = np.bincount(byte.astype(np.int64), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_quantiser_round_trip_within_one_level():
+    quantiser = Quantiser(clip=0.5, clients=100)
+    rng = np.random.default_rng(0)
+    values = [rng.uniform(-0.5, 0.5, 1000) for _ in range(100)]
+    total = np.zeros(1000, np.uint32)
+    for v in values:
+        total += quantiser.quantise(v)
+    step = 2 * 0.5 / quantiser.levels
+    np.testing.assert_allclose(quantiser.dequantise_sum(total, 100), np.sum(values, axis=0), atol=100 * step / 2 + 1e-9)
+    assert int(quantiser.levels) * 100 < 2**32  # the sum of 100 never wraps
