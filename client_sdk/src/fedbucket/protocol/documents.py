@@ -564,6 +564,82 @@ class RoundReport(Document):
     privacy: RoundPrivacy | None = Field(default=None, description="set when the round was differentially private")
 
 
+# -- secure aggregation (docs/protocol.md, "Secure aggregation") -------------------------------
+
+#: Base64 of binary protocol values (X25519 public keys, sealed shares, Shamir shares).
+Base64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]*={0,2}$", max_length=512)]
+
+
+class SecAggKeys(Document):
+    """``updates/<client>/<round>/secagg-keys.json``, phase 1: a client's two X25519 public keys."""
+
+    kind: ClassVar[str] = "secagg-keys"
+    client_id: Identifier
+    round_id: Identifier
+    cipher_public: Base64
+    mask_public: Base64
+
+
+class SecAggMember(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    x: int = Field(ge=1, description="the client's Shamir x-coordinate")
+    cipher_public: Base64
+    mask_public: Base64
+
+
+class SecAggSetup(Document):
+    """``rounds/<round>/secagg-setup.json``: who advertised keys, the neighbour graph, the
+    threshold, and the quantisation every masked input uses. Every client reads it."""
+
+    kind: ClassVar[str] = "secagg-setup"
+    round_id: Identifier
+    threshold: int = Field(ge=2)
+    clip_norm: float = Field(gt=0, description="updates are clipped to this L2 norm, then quantised")
+    max_clients: int = Field(ge=2, description="the ring holds the sum of this many quantised updates")
+    members: dict[Identifier, SecAggMember]
+    neighbours: dict[Identifier, list[Identifier]]
+
+
+class SecAggShares(Document):
+    """``updates/<client>/<round>/secagg-shares.json``, phase 2: sealed shares, one per neighbour."""
+
+    kind: ClassVar[str] = "secagg-shares"
+    client_id: Identifier
+    round_id: Identifier
+    sealed: dict[Identifier, Base64]
+
+
+class SecAggInbox(Document):
+    """``updates/<client>/<round>/secagg-inbox.json``, written by the server: the sealed shares
+    addressed to this client, by sender (a client reads its own prefix and nothing else)."""
+
+    kind: ClassVar[str] = "secagg-inbox"
+    client_id: Identifier
+    round_id: Identifier
+    sealed: dict[Identifier, Base64]
+
+
+class SecAggRoster(Document):
+    """``rounds/<round>/secagg-shared.json`` and ``secagg-masked.json``: the clients whose shares
+    were delivered (phase 2) and whose masked inputs arrived (phase 3)."""
+
+    kind: ClassVar[str] = "secagg-roster"
+    round_id: Identifier
+    phase: Literal["shared", "masked"]
+    clients: list[Identifier]
+
+
+class SecAggUnmask(Document):
+    """``updates/<client>/<round>/secagg-unmask.json``, phase 4: for each neighbour, the share of
+    its self-mask seed (it survived) or of its mask key (it dropped) — never both."""
+
+    kind: ClassVar[str] = "secagg-unmask"
+    client_id: Identifier
+    round_id: Identifier
+    seeds: dict[Identifier, Base64] = Field(default_factory=dict)
+    keys: dict[Identifier, Base64] = Field(default_factory=dict)
+
+
 ALL_DOCUMENTS: tuple[type[Document], ...] = (
     ModelManifest,
     ModelPointer,
@@ -578,6 +654,12 @@ ALL_DOCUMENTS: tuple[type[Document], ...] = (
     EvaluationReport,
     RoundReport,
     PrivacyLedger,
+    SecAggKeys,
+    SecAggSetup,
+    SecAggShares,
+    SecAggInbox,
+    SecAggRoster,
+    SecAggUnmask,
 )
 
 

@@ -22,6 +22,9 @@ Object names are relative to the federation root (``gs://bucket/prefix`` or ``fi
     eval/test.safetensors                             server (optional): test split, reported only
     state/<round>/strategy.safetensors                server: server-optimiser state after a round
     privacy/ledger.json                               server: differential privacy charged per round and client
+    rounds/<round>/secagg-setup.json                  everyone reads: secure aggregation keys, graph, threshold
+    rounds/<round>/secagg-<phase>.json                everyone reads: who shared keys / sent a masked input
+    updates/<client>/<round>/secagg-<step>.json       one client: its keys, shares, inbox (server-written), unmask
 
 The client id comes before the round id in update paths so that one IAM condition
 (``resource.name.startsWith(".../objects/updates/<client>/")``) confines a client's writes,
@@ -120,6 +123,30 @@ class BucketLayout:
     def client_evaluation(self, client_id: str, round_id: str) -> str:
         return self.update_prefix(client_id, round_id) + CLIENT_EVALUATION
 
+    def secagg_setup(self, round_id: str) -> str:
+        return self.round_prefix(round_id) + "secagg-setup.json"
+
+    def secagg_roster(self, round_id: str, phase: str) -> str:
+        if phase not in SECAGG_ROSTERS:
+            raise ValueError(f"unknown secure-aggregation roster {phase!r}")
+        return self.round_prefix(round_id) + f"secagg-{phase}.json"
+
+    def secagg_client(self, client_id: str, round_id: str, step: str) -> str:
+        """A client's secure-aggregation document: ``keys``, ``shares``, ``inbox`` or ``unmask``."""
+        if step not in SECAGG_CLIENT_STEPS:
+            raise ValueError(f"unknown secure-aggregation step {step!r}")
+        return self.update_prefix(client_id, round_id) + f"secagg-{step}.json"
+
+    def secagg_client_glob(self, round_id: str, step: str) -> str:
+        """A ``match_glob`` for every client's ``step`` document of one round."""
+        if step not in SECAGG_CLIENT_STEPS:
+            raise ValueError(f"unknown secure-aggregation step {step!r}")
+        return f"updates/*/{check_identifier(round_id, 'round id')}/secagg-{step}.json"
+
+    def parse_secagg_client(self, name: str, step: str) -> tuple[str, str]:
+        """``(client_id, round_id)`` of ``updates/<client>/<round>/secagg-<step>.json``."""
+        return _parse_client_object(name, f"secagg-{step}.json")
+
     def update_manifest_glob(self, round_id: str) -> str:
         """A ``match_glob`` pattern for every client's manifest of one round (and nothing else)."""
         return f"updates/*/{check_identifier(round_id, 'round id')}/{UPDATE_MANIFEST}"
@@ -142,6 +169,8 @@ class BucketLayout:
 
 
 UPDATE_MANIFEST = "manifest.json"
+SECAGG_ROSTERS = ("shared", "masked")
+SECAGG_CLIENT_STEPS = ("keys", "shares", "inbox", "unmask")
 CLIENT_EVALUATION = "evaluation.json"
 
 
