@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from fedbucket.client.secagg import SecAggClient
+from fedbucket.protocol.documents import SecAggInbox, read_document
 from fedbucket.protocol.errors import ConfigError
 from fedbucket.protocol.secagg import (
     PRIME,
@@ -172,3 +173,65 @@ def test_quantiser_round_trip_within_one_level():
     step = 2 * 0.5 / quantiser.levels
     np.testing.assert_allclose(quantiser.dequantise_sum(total, 100), np.sum(values, axis=0), atol=100 * step / 2 + 1e-9)
     assert int(quantiser.levels) * 100 < 2**32  # the sum of 100 never wraps
+
+
+# -- over the bucket ---------------------------------------------------------------------------
+
+
+class RecordingStore:
+    """Passes every call to a store and records the names a client read or wrote."""
+
+    def __init__(self, store) -> None:
+        self._store, self.touched = store, set()
+
+    def __getattr__(self, attribute):
+        method = getattr(self._store, attribute)
+
+        def call(name=None, *args, **kwargs):
+            if isinstance(name, str):
+                self.touched.add(name)
+            return method(name, *args, **kwargs) if name is not None else method(*args, **kwargs)
+
+        return call
+
+
+def test_phases_over_the_bucket_with_dropouts_and_each_client_reads_only_its_own(store):
+    from fedbucket.client.secagg import post_keys, post_shares, post_unmask, read_roster, read_setup, receive_inbox
+    from fedbucket.protocol.layout import LAYOUT
+    from fedbucket.server.secagg import collect_unmasking, publish_roster, publish_setup, route_shares
+
+    quantiser = Quantiser(clip=1.0, clients=16)
+    rng = np.random.default_rng(5)
+    names = [f"h{i:02d}" for i in range(8)]
+    sessions = {c: SecAggClient(c, ROUND) for c in names}
+    views = {c: RecordingStore(store) for c in names}
+    for c in names[:-1]:  # h07 never advertises
+        post_keys(views[c], sessions[c])
+    setup = publish_setup(store, ROUND, clip_norm=1.0, max_clients=16)
+    assert sorted(setup.keys) == names[:-1]
+    for c in names[:-2]:  # h06 drops after advertising
+        post_shares(views[c], sessions[c], read_setup(views[c], ROUND)[0])
+    shared = route_shares(store, setup)
+    assert shared == names[:-2]
+    for c in shared:
+        receive_inbox(views[c], sessions[c])
+    updates = {c: quantiser.quantise(rng.uniform(-1, 1, 64)) for c in shared}
+    masked = {c: sessions[c].masked_input(updates[c], read_roster(views[c], ROUND, "shared")) for c in shared[:-1]}
+    survivors = sorted(masked)  # h05 drops after sharing: its pairwise masks must be removed
+    publish_roster(store, ROUND, "masked", survivors)
+    for c in survivors:
+        post_unmask(views[c], sessions[c], read_roster(views[c], ROUND, "masked"))
+    plan = plan_unmasking(setup, shared, survivors, collect_unmasking(store, ROUND))
+    total = np.zeros(64, np.uint32)
+    for c in survivors:
+        total += masked[c]
+    expected = np.zeros(64, np.uint32)
+    for c in survivors:
+        expected += updates[c]
+    assert np.array_equal(unmask_range(total, plan, 0), expected)
+
+    public = {LAYOUT.secagg_setup(ROUND), LAYOUT.secagg_roster(ROUND, "shared"), LAYOUT.secagg_roster(ROUND, "masked")}
+    for c, view in views.items():  # what terraform's conditions allow a client: the public documents, its prefix
+        assert all(name in public or name.startswith(f"updates/{c}/") for name in view.touched), (c, view.touched)
+    inbox, _ = read_document(store, LAYOUT.secagg_client("h00", ROUND, "inbox"), SecAggInbox)
+    assert set(inbox.sealed) == set(shared) - {"h00"}  # only shares addressed to h00, from clients that shared

@@ -26,7 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedbucket.protocol.documents import (
+    SecAggInbox,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    read_document,
+    write_document,
+)
 from fedbucket.protocol.errors import ConfigError
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
     SEED_BYTES,
     Advertised,
@@ -34,6 +45,7 @@ from fedbucket.protocol.secagg import (
     KeyPair,
     Setup,
     agree,
+    b64,
     mask_words,
     masked_sum_inplace,
     message_context,
@@ -41,8 +53,11 @@ from fedbucket.protocol.secagg import (
     pair_context,
     pairwise_sign,
     seal,
+    setup_from_document,
     split_secret,
+    unb64,
 )
+from fedbucket.protocol.storage import ObjectStore
 
 _SHARE = 66  # bytes of one field element
 
@@ -169,3 +184,62 @@ class SecAggClient:
         if self.setup is None:
             raise ConfigError(f"{self.client_id}: no setup yet (phase 2 comes first)")
         return self.setup
+
+
+# -- the client's phases over the bucket -------------------------------------------------------
+# A client reads only the round's public secure-aggregation documents and its own prefix.
+
+
+def post_keys(store: ObjectStore, session: SecAggClient, *, layout: BucketLayout = LAYOUT) -> None:
+    """Phase 1: ``updates/<client>/<round>/secagg-keys.json``."""
+    keys = session.advertise()
+    doc = SecAggKeys(
+        client_id=session.client_id,
+        round_id=session.round_id,
+        cipher_public=b64(keys.cipher_public),
+        mask_public=b64(keys.mask_public),
+    )
+    write_document(store, layout.secagg_client(session.client_id, session.round_id, "keys"), doc)
+
+
+def read_setup(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> tuple[Setup, SecAggSetup]:
+    doc, _ = read_document(store, layout.secagg_setup(round_id), SecAggSetup)
+    return setup_from_document(doc), doc
+
+
+def post_shares(store: ObjectStore, session: SecAggClient, setup: Setup, *, layout: BucketLayout = LAYOUT) -> None:
+    """Phase 2: the sealed shares for the neighbours the setup gives this client."""
+    sealed = session.share_keys(setup)
+    doc = SecAggShares(
+        client_id=session.client_id, round_id=session.round_id, sealed={v: b64(m) for v, m in sealed.items()}
+    )
+    write_document(store, layout.secagg_client(session.client_id, session.round_id, "shares"), doc)
+
+
+def receive_inbox(store: ObjectStore, session: SecAggClient, *, layout: BucketLayout = LAYOUT) -> None:
+    """Phase 2 delivery: the shares the server copied into this client's inbox (each authenticated)."""
+    doc, _ = read_document(store, layout.secagg_client(session.client_id, session.round_id, "inbox"), SecAggInbox)
+    if doc.client_id != session.client_id or doc.round_id != session.round_id:
+        raise InvalidShare("the inbox is addressed to another client or round")
+    session.receive({sender: unb64(text, f"a share from {sender}") for sender, text in doc.sealed.items()})
+
+
+def read_roster(store: ObjectStore, round_id: str, phase: str, *, layout: BucketLayout = LAYOUT) -> list[str]:
+    doc, _ = read_document(store, layout.secagg_roster(round_id, phase), SecAggRoster)
+    if doc.round_id != round_id or doc.phase != phase:
+        raise InvalidShare(f"the {phase} roster is for another round or phase")
+    return list(doc.clients)
+
+
+def post_unmask(
+    store: ObjectStore, session: SecAggClient, survivors: Sequence[str], *, layout: BucketLayout = LAYOUT
+) -> None:
+    """Phase 4: the shares the survivors entitle the server to (never both of one neighbour's)."""
+    answers = session.unmask(survivors)
+    doc = SecAggUnmask(
+        client_id=session.client_id,
+        round_id=session.round_id,
+        seeds={v: b64(share) for v, (kind, share) in answers.items() if kind == "seed"},
+        keys={v: b64(share) for v, (kind, share) in answers.items() if kind == "key"},
+    )
+    write_document(store, layout.secagg_client(session.client_id, session.round_id, "unmask"), doc)

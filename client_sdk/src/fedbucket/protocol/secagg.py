@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import base64
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedbucket.protocol.documents import SecAggMember, SecAggSetup
 from fedbucket.protocol.errors import UpdateRejected
 
 #: The ring masked inputs live in: uint32, arithmetic modulo 2^32.
@@ -225,3 +227,51 @@ def masked_sum_inplace(out: np.ndarray, words: np.ndarray, sign: int) -> None:
         np.add(out, words, out=out)
     else:
         np.subtract(out, words, out=out)
+
+
+# -- documents <-> protocol data ---------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise InvalidShare(f"{what} is not base64") from None
+
+
+def setup_from_document(doc: SecAggSetup) -> Setup:
+    """The :class:`Setup` a published ``secagg-setup.json`` describes (keys decoded and checked)."""
+    keys, x = {}, {}
+    for client, member in doc.members.items():
+        cipher, mask = unb64(member.cipher_public, "a public key"), unb64(member.mask_public, "a public key")
+        if len(cipher) != 32 or len(mask) != 32:
+            raise InvalidShare(f"{client}: an X25519 public key is 32 bytes")
+        keys[client], x[client] = Advertised(cipher, mask), member.x
+    unknown = {v for vs in doc.neighbours.values() for v in vs} | set(doc.neighbours)
+    if not unknown <= set(keys) or len(set(x.values())) != len(x):
+        raise InvalidShare("the setup names clients without keys, or repeats an x-coordinate")
+    return Setup(
+        round_id=doc.round_id,
+        keys=keys,
+        x=x,
+        neighbours={c: tuple(vs) for c, vs in doc.neighbours.items()},
+        threshold=doc.threshold,
+    )
+
+
+def setup_document(setup: Setup, *, clip_norm: float, max_clients: int) -> SecAggSetup:
+    return SecAggSetup(
+        round_id=setup.round_id,
+        threshold=setup.threshold,
+        clip_norm=clip_norm,
+        max_clients=max_clients,
+        members={
+            c: SecAggMember(x=setup.x[c], cipher_public=b64(k.cipher_public), mask_public=b64(k.mask_public))
+            for c, k in setup.keys.items()
+        },
+        neighbours={c: list(vs) for c, vs in setup.neighbours.items()},
+    )

@@ -422,6 +422,19 @@ def list_client_evaluations(store: ObjectStore, round_id: str, *, layout: Bucket
     return _list_round(store, round_id, layout.client_evaluation_glob(round_id), layout.parse_client_evaluation)
 
 
+def list_secagg_documents(
+    store: ObjectStore, round_id: str, step: str, *, layout: BucketLayout = LAYOUT
+) -> RoundListing:
+    """Every client's secure-aggregation ``step`` document of ``round_id`` (``keys``, ``shares``,
+    ``unmask``), as :func:`list_update_manifests`."""
+    return _list_round(
+        store,
+        round_id,
+        layout.secagg_client_glob(round_id, step),
+        lambda name: layout.parse_secagg_client(name, step),
+    )
+
+
 def _list_round(
     store: ObjectStore, round_id: str, glob: str, parse_name: Callable[[str], tuple[str, str]]
 ) -> RoundListing:

@@ -19,10 +19,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbucket.protocol.errors import FedbucketError
+from fedbucket.protocol.documents import (
+    DocumentT,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggShares,
+    SecAggUnmask,
+    read_document,
+    write_document,
+)
+from fedbucket.protocol.errors import FedbucketError, SchemaError, StorageError
+from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
     SEED_BYTES,
     Advertised,
+    InvalidShare,
     Setup,
     agree,
     combine_shares,
@@ -30,7 +42,11 @@ from fedbucket.protocol.secagg import (
     masked_sum_inplace,
     pair_context,
     pairwise_sign,
+    setup_document,
+    unb64,
 )
+from fedbucket.protocol.storage import ObjectStore
+from fedbucket.protocol.validation import list_secagg_documents
 
 
 class SecAggAbandoned(FedbucketError):
@@ -150,4 +166,94 @@ def unmask_range(masked_sum: np.ndarray, plan: UnmaskPlan, start: int) -> np.nda
     stop = start + out.size
     for seed, sign in plan.corrections:
         masked_sum_inplace(out, mask_words(seed, start, stop), -sign)
+    return out
+
+
+# -- the server's steps over the bucket --------------------------------------------------------
+
+
+def _client_documents(
+    store: ObjectStore, round_id: str, step: str, cls: type[DocumentT], layout: BucketLayout
+) -> dict[str, DocumentT]:
+    """``{client: document}`` of every well-formed ``step`` document whose ids match its path;
+    the others are skipped (a client that cannot write a valid message has dropped)."""
+    out: dict[str, DocumentT] = {}
+    for info in list_secagg_documents(store, round_id, step, layout=layout).manifests:
+        client, _ = layout.parse_secagg_client(info.name, step)
+        try:
+            doc, _ = read_document(store, info.name, cls)
+        except (SchemaError, StorageError):
+            continue
+        if getattr(doc, "client_id", None) == client and getattr(doc, "round_id", None) == round_id:
+            out[client] = doc
+    return out
+
+
+def publish_setup(
+    store: ObjectStore,
+    round_id: str,
+    *,
+    clip_norm: float,
+    max_clients: int,
+    degree: int | None = None,
+    threshold: int | None = None,
+    layout: BucketLayout = LAYOUT,
+) -> Setup:
+    """After phase 1: every client that posted well-formed keys is a member; write the setup."""
+    advertised = {}
+    for client, doc in sorted(_client_documents(store, round_id, "keys", SecAggKeys, layout).items())[:max_clients]:
+        try:
+            cipher, mask = unb64(doc.cipher_public, "key"), unb64(doc.mask_public, "key")
+        except InvalidShare:
+            continue
+        if len(cipher) == 32 and len(mask) == 32:
+            advertised[client] = Advertised(cipher, mask)
+    if len(advertised) < 3:
+        raise SecAggAbandoned(f"{len(advertised)} client(s) advertised keys; secure aggregation needs at least 3")
+    setup = make_setup(round_id, advertised, degree=degree, threshold=threshold)
+    document = setup_document(setup, clip_norm=clip_norm, max_clients=max_clients)
+    write_document(store, layout.secagg_setup(round_id), document)
+    return setup
+
+
+def route_shares(store: ObjectStore, setup: Setup, *, layout: BucketLayout = LAYOUT) -> list[str]:
+    """After phase 2: copy each sealed share into its receiver's inbox and publish who shared
+    (the ``shared`` roster). A sender's shares count only if it addressed every neighbour."""
+    inboxes: dict[str, dict[str, str]] = {c: {} for c in setup.keys}
+    shared = []
+    for sender, doc in sorted(_client_documents(store, setup.round_id, "shares", SecAggShares, layout).items()):
+        if sender in setup.neighbours and set(doc.sealed) == set(setup.neighbours[sender]):
+            shared.append(sender)
+            for receiver, sealed in doc.sealed.items():
+                inboxes[receiver][sender] = sealed
+    for receiver in sorted(shared):
+        inbox = {s: m for s, m in inboxes[receiver].items() if s in shared}
+        doc = SecAggInbox(client_id=receiver, round_id=setup.round_id, sealed=inbox)
+        write_document(store, layout.secagg_client(receiver, setup.round_id, "inbox"), doc)
+    publish_roster(store, setup.round_id, "shared", shared, layout=layout)
+    return shared
+
+
+def publish_roster(
+    store: ObjectStore, round_id: str, phase: str, clients: Sequence[str], *, layout: BucketLayout = LAYOUT
+) -> None:
+    doc = SecAggRoster(round_id=round_id, phase=phase, clients=sorted(clients))
+    write_document(store, layout.secagg_roster(round_id, phase), doc)
+
+
+def collect_unmasking(
+    store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT
+) -> dict[str, dict[str, tuple[str, bytes]]]:
+    """After phase 4: each responder's revealed shares, ``{responder: {about: (kind, share)}}``. A
+    response naming one client in both maps is dropped whole (the protocol forbids it)."""
+    out: dict[str, dict[str, tuple[str, bytes]]] = {}
+    for client, doc in _client_documents(store, round_id, "unmask", SecAggUnmask, layout).items():
+        if set(doc.seeds) & set(doc.keys):
+            continue
+        try:
+            answers = {v: ("seed", unb64(s, "share")) for v, s in doc.seeds.items()}
+            answers |= {v: ("key", unb64(s, "share")) for v, s in doc.keys.items()}
+        except InvalidShare:
+            continue
+        out[client] = answers
     return out
