@@ -115,7 +115,9 @@ def test_sparse_secagg_plus_graph_with_dropouts_everywhere():
     graph = neighbour_graph([f"c{i:03d}" for i in range(40)], 16)
     assert {len(v) for v in graph.values()} == {16} and all(c not in v for c, v in graph.items())
     assert all(c in graph[v] for c, vs in graph.items() for v in vs)  # symmetric
-    unmasked, plain, _ = run_protocol(40, {1: 0.05, 2: 0.05, 3: 0.1, 4: 0.05}, degree=16, seed=7)
+    # The graph is drawn with the OS's randomness, so the losses (2 + 2 + 1 of 40) stay below the 7 that
+    # any neighbourhood of 16 can spare at threshold 9: the test passes whatever graph is drawn.
+    unmasked, plain, _ = run_protocol(40, {1: 0.05, 2: 0.05, 3: 0.0, 4: 0.025}, degree=16, seed=7)
     assert np.array_equal(unmasked, plain)
 
 
@@ -235,3 +237,35 @@ def test_phases_over_the_bucket_with_dropouts_and_each_client_reads_only_its_own
         assert all(name in public or name.startswith(f"updates/{c}/") for name in view.touched), (c, view.touched)
     inbox, _ = read_document(store, LAYOUT.secagg_client("h00", ROUND, "inbox"), SecAggInbox)
     assert set(inbox.sealed) == set(shared) - {"h00"}  # only shares addressed to h00, from clients that shared
+
+
+def test_a_corrupted_share_is_detected_not_silently_combined():
+    secret = secrets.token_bytes(32)
+    shares = split_secret(secret, 3, [1, 2, 3, 4, 5])
+    bad = dict(shares)
+    bad[2] = ((int.from_bytes(bad[2], "big") + 1) % PRIME).to_bytes(66, "big")  # a crafted offset, still in range
+    with pytest.raises(ValueError, match="inconsistent"):
+        combine_shares(bad, 3)  # the shares beyond the first three must lie on the same polynomial
+    assert combine_shares({x: shares[x] for x in (1, 3, 4, 5)}, 3) == secret
+
+
+def test_the_server_ignores_a_responder_that_answers_against_the_roster():
+    clients = {c: SecAggClient(c, ROUND) for c in ("a", "b", "c", "d", "e")}
+    setup = make_setup(ROUND, {c: x.advertise() for c, x in clients.items()})
+    outboxes = {c: x.share_keys(setup) for c, x in clients.items()}
+    for c, x in clients.items():
+        x.receive({s: outboxes[s][c] for s in clients if s != c})
+    values = {c: np.full(8, i + 1, np.uint32) for i, c in enumerate(clients)}
+    masked = {c: x.masked_input(values[c], list(clients)) for c, x in clients.items()}
+    survivors = list(clients)
+    responses = {c: x.unmask(survivors) for c, x in clients.items()}
+    liar = dict(responses["e"])
+    liar["a"] = ("key", liar["a"][1])  # claims a dropped: asks for a's key share it is not entitled to
+    responses["e"] = liar
+    plan = plan_unmasking(setup, survivors, survivors, responses)  # e's answers are not used; 4 of 5 remain
+    total = sum((masked[c] for c in survivors), np.zeros(8, np.uint32))
+    assert np.array_equal(unmask_range(total, plan, 0), np.full(8, 15, np.uint32))
+    with pytest.raises(SecAggAbandoned, match="strict majority"):
+        make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
+    with pytest.raises(ValueError, match="finite"):
+        Quantiser(clip=1.0, clients=4).quantise(np.array([0.0, np.nan]))

@@ -73,19 +73,32 @@ def split_secret(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[
     return shares
 
 
-def combine_shares(shares: Mapping[int, bytes], threshold: int, length: int = SEED_BYTES) -> bytes:
-    """The secret (``length`` bytes) from at least ``threshold`` shares: Lagrange interpolation at 0."""
-    if len(shares) < threshold:
-        raise ValueError(f"{len(shares)} share(s); reconstruction needs {threshold}")
-    points = [(x, int.from_bytes(y, "big")) for x, y in sorted(shares.items())[:threshold]]
-    secret = 0
+def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
+    """The value at ``at`` of the polynomial through ``points`` (Lagrange, mod PRIME)."""
+    value = 0
     for i, (xi, yi) in enumerate(points):
         numerator, denominator = 1, 1
         for j, (xj, _) in enumerate(points):
             if i != j:
-                numerator = numerator * (-xj) % PRIME
+                numerator = numerator * (at - xj) % PRIME
                 denominator = denominator * (xi - xj) % PRIME
-        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+        value = (value + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
+
+
+def combine_shares(shares: Mapping[int, bytes], threshold: int, length: int = SEED_BYTES) -> bytes:
+    """The secret (``length`` bytes) from at least ``threshold`` shares: Lagrange interpolation at 0.
+
+    Every share beyond the first ``threshold`` must lie on the same polynomial: a corrupted share
+    raises ``ValueError`` instead of yielding a silently wrong secret (with exactly ``threshold``
+    shares a corruption cannot be seen; the caller decides what to trust)."""
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} share(s); reconstruction needs {threshold}")
+    points = [(x, int.from_bytes(y, "big")) for x, y in sorted(shares.items())]
+    basis, extra = points[:threshold], points[threshold:]
+    if any(_interpolate(basis, x) != y for x, y in extra):
+        raise ValueError("the shares are inconsistent: at least one is corrupted")
+    secret = _interpolate(basis, 0)
     if secret >> (8 * length):
         raise ValueError(f"the shares do not interpolate to a {length}-byte secret: they are inconsistent")
     return secret.to_bytes(length, "big")
@@ -180,6 +193,8 @@ class Quantiser:
         return ((1 << RING_BITS) - 1) // self.clients
 
     def quantise(self, values: np.ndarray) -> np.ndarray:
+        if not np.isfinite(values).all():
+            raise ValueError("a secure-aggregation input must be finite")
         scaled = (np.clip(values, -self.clip, self.clip) + self.clip) / (2 * self.clip) * self.levels
         return np.rint(scaled).astype(np.uint32)
 

@@ -85,8 +85,11 @@ def make_setup(
     neighbours = neighbour_graph(clients, degree)
     smallest = min(len(v) for v in neighbours.values())
     threshold = threshold or smallest // 2 + 1
-    if not 2 <= threshold <= smallest:
-        raise SecAggAbandoned(f"threshold {threshold} is impossible with neighbourhoods of {smallest} client(s)")
+    if not max(2, smallest // 2 + 1) <= threshold <= smallest:
+        raise SecAggAbandoned(
+            f"threshold {threshold} is impossible with neighbourhoods of {smallest} client(s): it must be a strict "
+            "majority (at most half could otherwise combine two conflicting views of who survived)"
+        )
     return Setup(
         round_id=round_id,
         keys=dict(advertised),
@@ -127,17 +130,13 @@ def plan_unmasking(
         raise SecAggAbandoned(f"{len(u3)} masked input(s), fewer than the threshold of {setup.threshold}")
     seed_shares: dict[str, dict[int, bytes]] = {}
     key_shares: dict[str, dict[int, bytes]] = {}
-    for responder, answers in responses.items():
+    for responder, answers in sorted(responses.items()):
         if responder not in u3:
             continue  # only survivors answer phase 4
-        for about, (kind, share) in answers.items():
-            if responder not in setup.neighbours.get(about, ()):
-                continue  # a share it cannot hold: ignore rather than trust
-            expected = "seed" if about in u3 else "key"
-            if kind != expected:
-                raise SecAggAbandoned(
-                    f"{responder} revealed a {kind} share of {about}; the protocol asks for {expected}"
-                )
+        relevant = {a: ks for a, ks in answers.items() if responder in setup.neighbours.get(a, ())}
+        if any(kind != ("seed" if about in u3 else "key") for about, (kind, _) in relevant.items()):
+            continue  # a responder that answers against the roster is not used at all
+        for about, (kind, share) in relevant.items():
             (seed_shares if kind == "seed" else key_shares).setdefault(about, {})[setup.x[responder]] = share
     corrections: list[tuple[bytes, int]] = []
     for u in sorted(u3):
@@ -146,17 +145,24 @@ def plan_unmasking(
             raise SecAggAbandoned(
                 f"{len(shares)} share(s) of {u}'s self mask, fewer than the threshold {setup.threshold}"
             )
-        corrections.append((combine_shares(shares, setup.threshold, SEED_BYTES), +1))
+        corrections.append((_combine(shares, setup.threshold, f"{u}'s self-mask seed"), +1))
     for v in sorted(u2 - u3):  # shared keys, then dropped: remove the pairwise masks survivors added for it
         shares = key_shares.get(v, {})
         if len(shares) < setup.threshold:
             raise SecAggAbandoned(f"{len(shares)} share(s) of dropped {v}'s mask key, fewer than the threshold")
-        private = combine_shares(shares, setup.threshold, 32)
+        private = _combine(shares, setup.threshold, f"dropped {v}'s mask key")
         for u in setup.neighbours[v]:
             if u in u3:
                 seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
                 corrections.append((seed, pairwise_sign(u, v)))
     return UnmaskPlan(tuple(sorted(u3)), tuple(corrections))
+
+
+def _combine(shares: Mapping[int, bytes], threshold: int, what: str) -> bytes:
+    try:
+        return combine_shares(shares, threshold, SEED_BYTES)
+    except ValueError as exc:
+        raise SecAggAbandoned(f"cannot reconstruct {what}: {exc}") from None
 
 
 def unmask_range(masked_sum: np.ndarray, plan: UnmaskPlan, start: int) -> np.ndarray:
