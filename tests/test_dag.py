@@ -452,7 +452,8 @@ def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(
     monkeypatch.setenv("FEDBUCKET_DP_KEY", "5e" * 32)  # a test key; the DAG passes it to spark-submit's env
     # z = 2: one round costs epsilon 1.99 at delta 1e-5, two rounds 2.94; the budget allows one.
     privacy = {"dp": True, "noise_multiplier": 2.0, "clip_norm": 1.0, "expected_clients": 3, "epsilon_budget": 2.5}
-    config = write_config(tmp_path, url, privacy=privacy)
+    # generous deadline: the wait ends when the three clients have submitted (the quorum), not at the clock
+    config = write_config(tmp_path, url, privacy=privacy, deadline_seconds=600)
     with Clients(url, tmp_path / "clients", {f"c{i}": "honest" for i in range(3)}):
         run = run_dag(config, run_conf={"round_id": "dp-1"})
     assert str(run.state) == "success", task_states(run)
