@@ -5,7 +5,10 @@ One run of this DAG is one federated round:
 
 1. **publish** the round task (base = current model) and open the round;
 2. **wait_for_updates** until the quorum (plus grace) or the deadline — deferrable; below the
-   quorum at the deadline the round is *abandoned* and the next three steps are skipped;
+   quorum at the deadline the round is *abandoned* and the next three steps are skipped. With
+   `[secure_aggregation] enabled` the updates are masked and the wait is phase 3 of four:
+   **wait_for_keys** (then the setup is published), **wait_for_shares** (then the shares are
+   routed), **wait_for_updates**, **wait_for_unmask** (docs/privacy.md);
 3. **aggregate** the frozen updates with the Spark job (`spark_jobs/aggregate.py`);
 4. only when the gate uses federated evaluation (`[gate] source = "federated"` or `"both"`):
    **request_evaluation** publishes the candidate for clients to score on their own data, and
@@ -50,6 +53,9 @@ config = FederationConfig.load(CONFIG_PATH)  # a small local file: cheap at pars
 # The wait step's timeout (it only catches a stuck triggerer): rounds up to twice the configured
 # deadline may be triggered by hand; publish refuses longer ones before any client works.
 MAX_DEADLINE_SECONDS = 2 * config.round.deadline_seconds + config.round.settle_seconds
+SECURE = config.secure_aggregation
+if SECURE.enabled:  # the masked inputs' deadline comes two phases after the keys'
+    MAX_DEADLINE_SECONDS += 2 * SECURE.phase_seconds
 WAIT_TIMEOUT_SECONDS = MAX_DEADLINE_SECONDS + 3600
 
 
@@ -142,6 +148,18 @@ with DAG(
 ) as dag:
     publish = OpenRoundOperator(task_id="publish", config_path=CONFIG_PATH, max_deadline_seconds=MAX_DEADLINE_SECONDS)
     settings = publish.output  # the run's RunSettings: the one document every later step parses
+    secure_phases = []
+    if SECURE.enabled:  # phases 1 and 2 before the update wait (phase 3), phase 4 after it
+        secure_phases = [
+            RoundQuorumSensor(
+                task_id=f"wait_for_{phase}",
+                settings=settings,
+                phase=phase,
+                poke_interval=config.round.poll_seconds,
+                timeout=WAIT_TIMEOUT_SECONDS,
+            )
+            for phase in ("keys", "shares", "unmask")
+        ]
     wait_for_updates = RoundQuorumSensor(
         task_id="wait_for_updates",
         settings=settings,
@@ -195,4 +213,9 @@ with DAG(
         task_id="promote", settings=settings, outlets=[current_model_asset(config.bucket)]
     )
     report = RoundReportOperator(task_id="report", settings=settings).as_teardown(setups=publish)
-    chain(publish, wait_for_updates, *spark_steps, promote, report)
+    if secure_phases:
+        wait_for_keys, wait_for_shares, wait_for_unmasking = secure_phases
+        waits = [wait_for_keys, wait_for_shares, wait_for_updates, wait_for_unmasking]
+    else:
+        waits = [wait_for_updates]
+    chain(publish, *waits, *spark_steps, promote, report)

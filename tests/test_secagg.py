@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import TINY_SPEC, tiny_model
 from fedbucket.client.secagg import SecAggClient
 from fedbucket.protocol.documents import SecAggInbox, read_document
 from fedbucket.protocol.errors import ConfigError
+from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.secagg import (
     PRIME,
     InvalidShare,
@@ -140,15 +142,20 @@ def test_a_client_never_reveals_both_secrets_of_a_neighbour():
         clients["a"].unmask(["a", "b", "c"])  # now claiming d dropped: d's key share would follow its seed share
 
 
-def test_a_forged_share_is_refused_on_delivery():
+def test_a_forged_share_is_set_aside_with_its_reason_and_the_others_are_kept():
     a, b, c = (SecAggClient(x, ROUND) for x in ("a", "b", "c"))
     setup = make_setup(ROUND, {x.client_id: x.advertise() for x in (a, b, c)})
     to_b = a.share_keys(setup)["b"]
+    c_to_b = c.share_keys(setup)["b"]
     b.share_keys(setup)
-    with pytest.raises(InvalidShare):
-        b.receive({"a": to_b[:-1] + bytes([to_b[-1] ^ 0x55])})
-    with pytest.raises(InvalidShare):
-        b.receive({"c": to_b})  # a's message presented as c's
+    rejected = b.receive({"a": to_b[:-1] + bytes([to_b[-1] ^ 0x55]), "c": c_to_b})
+    assert set(rejected) == {"a"} and "authentication failed" in rejected["a"]
+    assert "authentication failed" in b.receive({"c": to_b})["c"]  # a's message presented as c's
+    with pytest.raises(InvalidShare):  # the primitive underneath raises with its code
+        b._open("a", to_b[:-1] + bytes([to_b[-1] ^ 0x55]))
+    assert InvalidShare.code == "invalid_share"
+    b.masked_input(np.zeros(4, np.uint32), ["a", "b", "c"])  # still masks with a: the sum stays right
+    assert set(b.unmask(["a", "b", "c"])) == {"c"}  # holds no share of a's secrets to reveal
 
 
 def test_a_masked_input_looks_uniform():
@@ -269,3 +276,117 @@ def test_the_server_ignores_a_responder_that_answers_against_the_roster():
         make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
     with pytest.raises(ValueError, match="finite"):
         Quantiser(clip=1.0, clients=4).quantise(np.array([0.0, np.nan]))
+
+
+# -- a whole secure round through the bucket and the aggregation (no Airflow) -------------------
+
+
+def _open_secure_round(store, *, max_clients=8, clip=0.5, degree=None):
+    from fedbucket.protocol.documents import TrainingConfig, utcnow
+    from fedbucket.server.config import SecureAggregationSettings
+    from fedbucket.server.rounds import open_round, publish_model, set_current_model
+
+    manifest = publish_model(store, tiny_model(), version="init", model=TINY_SPEC)
+    set_current_model(store, manifest, expected_generation=0)
+    secure = SecureAggregationSettings(enabled=True, clip_norm=clip, degree=degree, phase_seconds=3600)
+    return open_round(
+        store,
+        round_id=ROUND,
+        opened_at=utcnow(),
+        deadline_seconds=3600,
+        training=TrainingConfig(),
+        min_clients=3,
+        max_clients=max_clients,
+        secure_aggregation=secure,
+    )
+
+
+def _secure_round(store, tmp_path, deltas, drop_after: dict[str, str]):
+    """Run the four phases for ``deltas`` (client -> delta); a client in ``drop_after`` stops
+    after that phase (``keys``, ``shares``, ``masked``). Returns the aggregation report."""
+    from fedbucket.client.sdk import upload_update
+    from fedbucket.client.secagg import SecureRound
+    from fedbucket.protocol.documents import utcnow
+    from fedbucket.server.aggregation import run_aggregation
+    from fedbucket.server.rounds import freeze_round
+    from fedbucket.server.secagg import publish_masked_roster, publish_setup, read_setup_document, route_shares
+    from fedbucket.server.strategies import build_strategy
+
+    task = _open_secure_round(store)
+    rounds = {
+        c: SecureRound(
+            store, task, c, lambda path, c=c: upload_update(store, task, c, path, num_examples=10), poll_seconds=0.01
+        )
+        for c in deltas
+    }
+    for r in rounds.values():
+        r.advertise()
+    publish_setup(store, ROUND, clip_norm=0.5, max_clients=8)
+    alive = [c for c in rounds if drop_after.get(c) != "keys"]
+    for c in alive:
+        rounds[c].share()
+    route_shares(store, read_setup_document(store, ROUND))
+    alive = [c for c in alive if drop_after.get(c) != "shares"]
+    for c in alive:
+        rounds[c].send_masked(deltas[c], tmp_dir=tmp_path)
+    closing = freeze_round(store, task, reason="quorum", closed_at=utcnow())
+    publish_masked_roster(store, task, closing)
+    for c in [c for c in alive if drop_after.get(c) != "masked"]:
+        rounds[c].unmask()
+    return task, run_aggregation(store, ROUND, build_strategy("fedavg", {}))
+
+
+@pytest.mark.parametrize("phase", ["keys", "shares", "masked"])
+def test_a_secure_round_releases_the_mean_of_the_survivors_clipped_updates(store, tmp_path, phase):
+    """Through the bucket and ``run_aggregation``: the candidate is base + the equal-weight mean of
+    the survivors' clipped updates (to within quantisation), dropouts after ``phase`` included;
+    integer buffers stay the base's; the report names who took part in each phase."""
+    from fedbucket.protocol.documents import ModelManifest
+    from fedbucket.protocol.tensors import tensors_from_bytes
+
+    rng = np.random.default_rng(7)
+    base = tiny_model()
+    deltas = {
+        f"c{i}": {
+            n: (rng.standard_normal(v.shape) * 0.1).astype(np.float32) for n, v in base.items() if v.dtype.kind == "f"
+        }
+        for i in range(6)
+    }
+    deltas["c0"] = {n: v * 100 for n, v in deltas["c0"].items()}  # far beyond the clip norm: clipped by its client
+    drops = {"c1": phase, "c4": phase}
+    _, report = _secure_round(store, tmp_path, deltas, drops)
+    assert report.status == "aggregated", report.message
+    summary = report.secure_aggregation
+    # dropped after the masked input: in the sum, silent in phase 4 (the others' answers suffice)
+    survivors = list(deltas) if phase == "masked" else [c for c in deltas if c not in drops]
+    assert summary.masked == survivors
+    assert summary.responded == [c for c in deltas if c not in drops]
+    assert summary.dropped_after_shares == (["c1", "c4"] if phase == "shares" else [])
+    assert summary.shared == (survivors if phase != "shares" else list(deltas))
+    assert sorted(u.client_id for u in report.updates if u.accepted) == survivors
+    assert all(u.weight == pytest.approx(1 / len(survivors)) for u in report.updates if u.accepted)
+
+    def clipped(delta):
+        norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+        return {n: v * min(1.0, 0.5 / norm) for n, v in delta.items()}
+
+    candidate = tensors_from_bytes(store.get_bytes(LAYOUT.candidate_payload(ROUND))[0])
+    step = 2 * 0.5 / ((2**32 - 1) // 8)  # one quantisation level
+    for name, value in base.items():
+        if value.dtype.kind != "f":
+            assert candidate[name] == value  # integer buffers are not sent under secure aggregation
+            continue
+        mean = np.mean([clipped(deltas[c])[name] for c in survivors], axis=0)
+        np.testing.assert_allclose(candidate[name], value + mean, atol=step + 1e-6)
+    manifest, _ = read_document(store, LAYOUT.candidate_manifest(ROUND), ModelManifest)
+    assert manifest.sha256 == report.candidate_sha256
+
+
+def test_a_secure_round_below_the_threshold_is_abandoned_with_its_reason(store, tmp_path):
+    base = tiny_model()
+    deltas = {f"c{i}": {n: np.zeros_like(v) for n, v in base.items() if v.dtype.kind == "f"} for i in range(5)}
+    # 5 members, threshold 3: after 3 masked inputs only 2 answer the unmasking
+    _, report = _secure_round(store, tmp_path, deltas, {"c0": "shares", "c1": "shares", "c2": "masked", "c3": "masked"})
+    assert report.status == "below_quorum"
+    assert report.message.startswith("secure aggregation abandoned:") and "fewer than the threshold" in report.message
+    assert not store.exists(LAYOUT.candidate_payload(ROUND))

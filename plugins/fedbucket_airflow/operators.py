@@ -119,12 +119,23 @@ class OpenRoundOperator(BaseOperator):
             max_update_norm=run.round.max_update_norm,
             max_examples_per_update=run.round.max_examples_per_update,
             federated_evaluation=run.federated_evaluation,
+            secure_aggregation=run.secure_aggregation,
+            settle_seconds=run.round.settle_seconds,
         )
         self.log.info(
             "round %s open: base model %s, deadline %s, quorum %d, strategy %s %s, training %s",
             run.round_id, task.base_model_version, task.deadline.isoformat(), task.min_clients,
             run.aggregation.strategy, run.aggregation.options, task.training,
         )  # fmt: skip
+        if task.secure_aggregation is not None:
+            secure = task.secure_aggregation
+            self.log.info(
+                "secure aggregation: keys by %s, shares by %s, masked inputs by %s, unmasking by %s; updates "
+                "clipped to %g, equal weights, at most %d clients, %s",
+                secure.keys_deadline.isoformat(), secure.shares_deadline.isoformat(), task.deadline.isoformat(),
+                secure.unmask_deadline.isoformat(), secure.clip_norm, secure.max_clients,
+                f"{secure.degree} neighbours each (SecAgg+)" if secure.degree else "every client a neighbour",
+            )  # fmt: skip
         return run.model_dump(mode="json")
 
     @staticmethod

@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from fedbucket.protocol.documents import (
     MAX_EVALUATION_CLOSING_BYTES,
@@ -23,6 +23,7 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
+from fedbucket.server import secagg
 from fedbucket.server.config import RunSettings, WaitSettings
 from fedbucket.server.rounds import freeze_evaluations, freeze_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
@@ -81,11 +82,31 @@ class RoundQuorumSensor(BaseSensorOperator):
         return FederationHook(self.run_settings.bucket, gcp_conn_id=self.gcp_conn_id).store
 
     def wait_settings(self, run: RunSettings) -> WaitSettings:
-        return run.round if self.phase == "updates" else run.evaluation
+        if self.phase == "evaluations":
+            return run.evaluation
+        task, _ = read_document(self.store, LAYOUT.round_task(run.round_id), RoundTask)
+        if task.secure_aggregation is None:
+            if self.phase != "updates":
+                raise AirflowFailException(f"round {run.round_id} has no secure-aggregation {self.phase} phase")
+            return run.round
+        # a secure round: each wait expects the clients that finished the phase before it
+        if self.phase == "updates":
+            expected = secagg.read_roster_document(self.store, run.round_id, "shared")
+            settings = secagg.phase_wait_settings(
+                task, "masked", expected, round_settings=run.round, secure=run.secure_aggregation
+            )
+            return run.round.model_copy(update=settings.model_dump(exclude={"deadline_seconds"}))
+        expected = secagg.expected_clients(self.store, task, self.phase)
+        threshold = None if self.phase == "keys" else secagg.setup_threshold(self.store, run.round_id)
+        return secagg.phase_wait_settings(
+            task, self.phase, expected, round_settings=run.round, secure=run.secure_aggregation, threshold=threshold
+        )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         run = self.run_settings
         store = self.store
+        if self.phase in ("keys", "shares", "unmask"):
+            return self._poke_secure_phase(run)
         if self.phase == "updates":
             closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
         else:
@@ -98,17 +119,32 @@ class RoundQuorumSensor(BaseSensorOperator):
         if closing is not None:
             self.log.info("round %s: %s were frozen by an earlier run; using them", run.round_id, self.phase)
             return PokeReturnValue(True, self._finish(run, closing.reason))
-        task, survey = look_at_round(store, run.round_id, phase=self.phase)
+        return self._look(run)
+
+    def _look(self, run: RunSettings) -> PokeReturnValue | bool:
+        deadline, survey = look_at_round(self.store, run.round_id, phase=self.phase)
         settings = self.wait_settings(run)
-        reason = wait_decision(survey, now=utcnow(), deadline=task.deadline, settings=settings)
+        reason = wait_decision(survey, now=utcnow(), deadline=deadline, settings=settings)
         if reason is None:
             self.log.info(
                 "round %s: %d %s on time and well-formed, %d rejected; need %d by %s",
                 run.round_id, len(survey.on_time), self.phase, len(survey.rejected), settings.min_clients,
-                task.deadline.isoformat(),
+                deadline.isoformat(),
             )  # fmt: skip
             return False
         return PokeReturnValue(True, self._finish(run, reason))
+
+    def _poke_secure_phase(self, run: RunSettings) -> PokeReturnValue | bool:
+        """A secure-aggregation phase: done if an earlier run already published its outcome."""
+        store = self.store
+        closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
+        if closing is not None and closing.reason == "below_quorum":
+            raise AirflowSkipException(f"round {run.round_id} was abandoned by an earlier run")
+        published = {"keys": LAYOUT.secagg_setup(run.round_id), "shares": LAYOUT.secagg_roster(run.round_id, "shared")}
+        if self.phase in published and store.exists(published[self.phase]):
+            self.log.info("round %s: secure-aggregation %s phase finished by an earlier run", run.round_id, self.phase)
+            return PokeReturnValue(True, {"reason": "earlier_run"})
+        return self._look(run)
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -140,6 +176,8 @@ class RoundQuorumSensor(BaseSensorOperator):
     def _finish(self, run: RunSettings, reason: str) -> dict[str, Any]:
         if self.phase == "evaluations":
             return self._finish_evaluations(run, reason)
+        if self.phase in ("keys", "shares", "unmask"):
+            return self._finish_secure_phase(run, reason)
         store = self.store
         task, _ = read_document(store, LAYOUT.round_task(run.round_id), RoundTask)
         closing = freeze_round(store, task, reason=reason, closed_at=utcnow())
@@ -152,7 +190,68 @@ class RoundQuorumSensor(BaseSensorOperator):
                 f"round {run.round_id} abandoned: {len(closing.updates)} valid update(s) by the deadline, "
                 f"fewer than {run.round.quorum_at_deadline}"
             )
+        if task.secure_aggregation is not None:
+            masked = secagg.publish_masked_roster(store, task, closing)
+            self.log.info("secure aggregation: %d masked input(s) in the sum: %s", len(masked), ", ".join(masked))
+            threshold = secagg.setup_threshold(store, run.round_id)
+            if len(masked) < threshold:
+                self._abandon(run, task, f"{len(masked)} masked input(s), fewer than the threshold of {threshold}")
         return {"reason": closing.reason, "updates": len(closing.updates), "rejected": len(closing.late)}
+
+    def _finish_secure_phase(self, run: RunSettings, reason: str) -> dict[str, Any]:
+        """After phase 1: publish the setup; after phase 2: route the shares and publish who
+        shared; after phase 4: nothing to publish (the aggregation reads the answers)."""
+        store = self.store
+        task, _ = read_document(store, LAYOUT.round_task(run.round_id), RoundTask)
+        secure = secagg.secure_task(task)
+        try:
+            if self.phase == "keys":
+                setup = secagg.publish_setup(
+                    store,
+                    run.round_id,
+                    clip_norm=secure.clip_norm,
+                    max_clients=secure.max_clients,
+                    degree=secure.degree,
+                    threshold=run.secure_aggregation.threshold,
+                )
+                self.log.info(
+                    "secure aggregation, phase 1 closed (%s): %d client(s) in the setup, threshold %d, %s",
+                    reason, len(setup.keys), setup.threshold,
+                    f"{min(len(v) for v in setup.neighbours.values())}+ neighbours each",
+                )  # fmt: skip
+                return {"reason": reason, "members": len(setup.keys), "threshold": setup.threshold}
+            if self.phase == "shares":
+                setup = secagg.read_setup_document(store, run.round_id)
+                shared = secagg.route_shares(store, setup)
+                dropped = sorted(set(setup.keys) - set(shared))
+                self.log.info(
+                    "secure aggregation, phase 2 closed (%s): %d of %d client(s) shared keys%s",
+                    reason, len(shared), len(setup.keys), f"; dropped: {', '.join(dropped)}" if dropped else "",
+                )  # fmt: skip
+                if len(shared) < setup.threshold:
+                    raise secagg.SecAggAbandoned(
+                        f"{len(shared)} client(s) shared keys, fewer than the threshold of {setup.threshold}"
+                    )
+                return {"reason": reason, "shared": len(shared)}
+        except secagg.SecAggAbandoned as exc:
+            self._abandon(run, task, f"phase {self.phase}: {exc}")
+        masked = secagg.read_roster_document(store, run.round_id, "masked")
+        answered = secagg.survey_phase(store, task, "unmask", masked).on_time
+        self.log.info(
+            "secure aggregation, phase 4 closed (%s): %d of %d survivor(s) answered the unmasking",
+            reason, len(answered), len(masked),
+        )  # fmt: skip
+        return {"reason": reason, "answered": len(answered)}
+
+    def _abandon(self, run: RunSettings, task: RoundTask, message: str) -> None:
+        secagg.abandon_round(
+            store=self.store,
+            task=task,
+            message=f"secure aggregation abandoned: {message}",
+            strategy=run.aggregation.strategy,
+            min_clients=run.aggregation_quorum,
+        )
+        raise AirflowSkipException(f"round {run.round_id}: secure aggregation abandoned: {message}")
 
     def _finish_evaluations(self, run: RunSettings, reason: str) -> dict[str, Any]:
         store = self.store

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any, Literal
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -14,23 +15,34 @@ from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import EvaluationSettings, RoundSettings, WaitSettings
 from fedbucket.server.rounds import Survey, survey_evaluations, survey_round, wait_decision
+from fedbucket.server.secagg import expected_clients, phase_deadline, survey_phase
 from fedbucket_airflow.hooks import FederationHook
 
-Phase = Literal["updates", "evaluations"]
+#: What a wait waits for: updates, evaluations, or a secure-aggregation phase (keys, shares, unmask).
+Phase = Literal["updates", "evaluations", "keys", "shares", "unmask"]
 #: The settings model of each wait.
-PHASE_SETTINGS: dict[str, type[WaitSettings]] = {"updates": RoundSettings, "evaluations": EvaluationSettings}
+PHASE_SETTINGS: dict[str, type[WaitSettings]] = {
+    "updates": RoundSettings,
+    "evaluations": EvaluationSettings,
+    "keys": WaitSettings,
+    "shares": WaitSettings,
+    "unmask": WaitSettings,
+}
 
 
 def look_at_round(
     store: ObjectStore, round_id: str, cache: dict | None = None, *, phase: Phase = "updates"
-) -> tuple[RoundTask | EvaluationTask, Survey]:
-    """The task of the wait (the round's, or its evaluation's) and what clients sent as it stands:
-    this round's manifests and payload headers, or this round's client evaluations."""
+) -> tuple[datetime, Survey]:
+    """The deadline of the wait and what clients sent as it stands: this round's manifests and
+    payload headers, this round's client evaluations, or a secure-aggregation phase's documents."""
+    if phase == "evaluations":
+        evaluation_task, _ = read_document(store, LAYOUT.evaluation_task(round_id), EvaluationTask)
+        return evaluation_task.deadline, survey_evaluations(store, evaluation_task, cache=cache)
+    task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
     if phase == "updates":
-        task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
-        return task, survey_round(store, task, cache=cache)
-    evaluation_task, _ = read_document(store, LAYOUT.evaluation_task(round_id), EvaluationTask)
-    return evaluation_task, survey_evaluations(store, evaluation_task, cache=cache)
+        return task.deadline, survey_round(store, task, cache=cache)
+    expected = expected_clients(store, task, phase)
+    return phase_deadline(task, phase), survey_phase(store, task, phase, expected)
 
 
 class RoundQuorumTrigger(BaseTrigger):
@@ -81,9 +93,11 @@ class RoundQuorumTrigger(BaseTrigger):
             hook = FederationHook(self.bucket, gcp_conn_id=self.gcp_conn_id)
             store = await asyncio.to_thread(lambda: hook.store)  # one client for the whole wait
             while True:
-                task, survey = await asyncio.to_thread(look_at_round, store, self.round_id, cache, phase=self.phase)
+                deadline, survey = await asyncio.to_thread(
+                    look_at_round, store, self.round_id, cache, phase=self.phase
+                )
                 now = utcnow()
-                reason = wait_decision(survey, now=now, deadline=task.deadline, settings=settings)
+                reason = wait_decision(survey, now=now, deadline=deadline, settings=settings)
                 on_time, rejected = len(survey.on_time), len(survey.rejected)
                 if reason is not None:
                     yield TriggerEvent({"status": "done", "reason": reason, "on_time": on_time, "rejected": rejected})
@@ -91,7 +105,7 @@ class RoundQuorumTrigger(BaseTrigger):
                 self.log.info(
                     "round %s: %d %s on time, %d rejected so far; waiting", self.round_id, on_time, self.phase, rejected
                 )
-                until_close = (task.deadline - now).total_seconds() + settings.settle_seconds
+                until_close = (deadline - now).total_seconds() + settings.settle_seconds
                 await asyncio.sleep(max(0.2, min(self.poll_seconds, until_close + 0.1)))
         except Exception as exc:  # report, don't crash the triggerer
             yield TriggerEvent({"status": "error", "message": f"{type(exc).__name__}: {exc}"})

@@ -53,6 +53,7 @@ from fedbucket.protocol.errors import (
     WaitTimeout,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
+from fedbucket.protocol.secagg import update_schema
 from fedbucket.protocol.storage import ObjectStore, ProgressCallback, open_store
 from fedbucket.protocol.tensors import NUMPY_DTYPES, load_tensors, save_tensors
 from fedbucket.protocol.validation import check_payload
@@ -91,7 +92,11 @@ def upload_update(
     size = Path(payload_path).stat().st_size
     with open(payload_path, "rb") as fp:
         summary = check_payload(
-            fp, size, schema=task.tensors, max_bytes=task.max_update_bytes, max_norm=task.max_update_norm
+            fp,
+            size,
+            schema=update_schema(task),
+            max_bytes=task.max_update_bytes,
+            max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
         )
     try:  # built (and so checked) before anything is uploaded
         manifest = UpdateManifest(
@@ -331,6 +336,8 @@ class Client:
             if name in base and base[name].dtype != NUMPY_DTYPES[spec.dtype]:
                 raise SchemaMismatch(f"{name}: base model dtype differs from the round's schema")
         delta = compute_delta(trained, base)
+        if task.secure_aggregation is not None:
+            return self._submit_securely(task, delta, num_examples=num_examples, metrics=metrics, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "update.safetensors"
             save_tensors(delta, path)
@@ -347,6 +354,9 @@ class Client:
     ) -> UpdateManifest:
         """Send an already computed delta (a safetensors file) as this client's update."""
         self.check_round_open(task)
+        if task.secure_aggregation is not None:
+            delta = load_tensors(delta_path)
+            return self._submit_securely(task, delta, num_examples=num_examples, metrics=metrics, progress=progress)
         return upload_update(
             self.store,
             task,
@@ -357,6 +367,33 @@ class Client:
             layout=self.layout,
             progress=progress,
         )
+
+    def _submit_securely(
+        self,
+        task: RoundTask,
+        delta: Mapping[str, np.ndarray],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, float] | None,
+        progress: ProgressCallback | None,
+    ) -> UpdateManifest:
+        """A secure-aggregation round's four client phases (docs/protocol.md, "Secure aggregation"):
+        blocks until this client has answered the unmasking, or raises if it dropped out."""
+        from fedbucket.client.secagg import submit_securely  # it builds on this module
+
+        def upload(path: Path) -> UpdateManifest:
+            return upload_update(
+                self.store,
+                task,
+                self.client_id,
+                path,
+                num_examples=num_examples,
+                metrics=metrics,
+                layout=self.layout,
+                progress=progress,
+            )
+
+        return submit_securely(self.store, task, self.client_id, delta, upload=upload, layout=self.layout)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -21,43 +21,57 @@ client's secrets between phases and checks what the server asks of it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    DocumentT,
+    RoundTask,
     SecAggInbox,
     SecAggKeys,
     SecAggRoster,
     SecAggSetup,
     SecAggShares,
     SecAggUnmask,
+    SecureAggregationTask,
+    UpdateManifest,
     read_document,
+    read_optional,
+    utcnow,
     write_document,
 )
-from fedbucket.protocol.errors import ConfigError
+from fedbucket.protocol.errors import ConfigError, RoundNotOpen, WaitTimeout
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
     SEED_BYTES,
     Advertised,
     InvalidShare,
     KeyPair,
+    Quantiser,
     Setup,
     agree,
     b64,
+    element_offsets,
     mask_words,
     masked_sum_inplace,
     message_context,
     open_sealed,
     pair_context,
     pairwise_sign,
+    quantise_update,
     seal,
     setup_from_document,
     split_secret,
     unb64,
 )
 from fedbucket.protocol.storage import ObjectStore
+from fedbucket.protocol.tensors import save_tensors
 
 _SHARE = 66  # bytes of one field element
 
@@ -74,6 +88,7 @@ class SecAggClient:
     setup: Setup | None = None
     shared_with: tuple[str, ...] = ()
     masked_with: tuple[str, ...] = ()
+    rejected: dict[str, str] = field(default_factory=dict)
     _received: dict[str, bytes] = field(default_factory=dict)
     _revealed: dict[str, tuple[str, bytes]] | None = None
     _revealed_for: set[str] = field(default_factory=set)
@@ -110,15 +125,24 @@ class SecAggClient:
             out[v] = seal(key, payload, message_context(self.round_id, self.client_id, v))
         return out
 
-    def receive(self, sealed: Mapping[str, bytes]) -> None:
-        """Phase 2 delivery: the neighbours' sealed shares addressed to this client (checked now:
-        a forged or replayed one raises :class:`InvalidShare`)."""
+    def receive(self, sealed: Mapping[str, bytes]) -> dict[str, str]:
+        """Phase 2 delivery: the neighbours' sealed shares addressed to this client, each
+        authenticated now. A forged or replayed one is set aside (returned, sender -> reason):
+        this client then holds no share of that sender's secrets, but still masks with it."""
         setup = self._setup()
+        rejected = {}
         for sender, message in sealed.items():
             if sender not in setup.neighbours[self.client_id]:
-                raise InvalidShare(f"a share from {sender!r}, who is not a neighbour of {self.client_id!r}")
-            self._open(sender, message)
+                rejected[sender] = f"a share from {sender!r}, who is not a neighbour of {self.client_id!r}"
+                continue
+            try:
+                self._open(sender, message)
+            except InvalidShare as exc:
+                rejected[sender] = str(exc)
+                continue
             self._received[sender] = message
+        self.rejected.update(rejected)
+        return rejected
 
     def masked_input(self, values: np.ndarray, shared: Sequence[str]) -> np.ndarray:
         """Phase 3: ``values`` (uint32, quantised) + PRG(b) + sum of ± PRG(s_uv) over the neighbours
@@ -126,10 +150,11 @@ class SecAggClient:
         setup = self._setup()
         neighbours = set(setup.neighbours[self.client_id])
         shared_neighbours = sorted(neighbours & set(shared))
-        if set(shared_neighbours) != set(self._received):
+        delivered = set(self._received) | set(self.rejected)
+        if not set(shared_neighbours) <= delivered:
             raise ConfigError(
                 f"{self.client_id}: the server says {sorted(shared_neighbours)} shared keys, but this client "
-                f"received shares from {sorted(self._received)}"
+                f"received shares from {sorted(delivered)}"
             )
         if len(shared_neighbours) < setup.threshold:
             raise ConfigError(f"{self.client_id}: only {len(shared_neighbours)} neighbour(s) left, below the threshold")
@@ -161,6 +186,8 @@ class SecAggClient:
             raise ConfigError(f"{self.client_id}: fewer survivors than the threshold; refusing to unmask")
         out = {}
         for v in self.shared_with:
+            if v not in self._received:
+                continue  # its share to this client failed authentication: nothing to reveal
             plain = self._open(v, self._received[v])
             seed_share, key_share = plain[:_SHARE], plain[_SHARE:]
             out[v] = ("seed", seed_share) if v in alive else ("key", key_share)
@@ -216,12 +243,20 @@ def post_shares(store: ObjectStore, session: SecAggClient, setup: Setup, *, layo
     write_document(store, layout.secagg_client(session.client_id, session.round_id, "shares"), doc)
 
 
-def receive_inbox(store: ObjectStore, session: SecAggClient, *, layout: BucketLayout = LAYOUT) -> None:
-    """Phase 2 delivery: the shares the server copied into this client's inbox (each authenticated)."""
+def receive_inbox(store: ObjectStore, session: SecAggClient, *, layout: BucketLayout = LAYOUT) -> dict[str, str]:
+    """Phase 2 delivery: the shares the server copied into this client's inbox (each authenticated;
+    the rejected ones are returned, sender -> reason)."""
     doc, _ = read_document(store, layout.secagg_client(session.client_id, session.round_id, "inbox"), SecAggInbox)
     if doc.client_id != session.client_id or doc.round_id != session.round_id:
         raise InvalidShare("the inbox is addressed to another client or round")
-    session.receive({sender: unb64(text, f"a share from {sender}") for sender, text in doc.sealed.items()})
+    decoded, rejected = {}, {}
+    for sender, text in doc.sealed.items():
+        try:
+            decoded[sender] = unb64(text, f"a share from {sender}")
+        except InvalidShare as exc:
+            rejected[sender] = str(exc)
+    session.rejected.update(rejected)
+    return rejected | session.receive(decoded)
 
 
 def read_roster(store: ObjectStore, round_id: str, phase: str, *, layout: BucketLayout = LAYOUT) -> list[str]:
@@ -243,3 +278,140 @@ def post_unmask(
         keys={v: b64(share) for v, (kind, share) in answers.items() if kind == "key"},
     )
     write_document(store, layout.secagg_client(session.client_id, session.round_id, "unmask"), doc)
+
+
+# -- one client's secure round, end to end ----------------------------------------------------
+
+
+def _await_document(
+    store: ObjectStore, name: str, cls: type[DocumentT], *, until: datetime, poll_seconds: float, what: str
+) -> DocumentT:
+    """Poll for ``name`` until it exists or ``until`` passes (then :class:`WaitTimeout`)."""
+    while True:
+        doc, _ = read_optional(store, name, cls)
+        if doc is not None:
+            return doc
+        if utcnow() >= until:
+            raise WaitTimeout(f"secure aggregation: {what} did not appear by {until.isoformat()}; out of this round")
+        time.sleep(max(0.05, min(poll_seconds, (until - utcnow()).total_seconds())))
+
+
+@dataclass
+class SecureRound:
+    """A client's secure-aggregation round over the bucket, one method per phase, in order:
+    :meth:`advertise`, :meth:`share`, :meth:`send_masked`, :meth:`unmask` (:func:`submit_securely`
+    runs them all). Each waits, up to the phase's deadline in the round task, for what the server
+    publishes before it; a client that stops after any phase has *dropped*, and the protocol
+    removes its masks without learning its input.
+
+    ``upload`` commits the masked payload file as this client's update (the SDK's
+    :func:`~fedbucket.client.sdk.upload_update`, so the server's own checks run first)."""
+
+    store: ObjectStore
+    task: RoundTask
+    client_id: str
+    upload: Callable[[Path], UpdateManifest]
+    poll_seconds: float = 0.5
+    layout: BucketLayout = LAYOUT
+    log: Callable[[str], None] = lambda line: None
+    session: SecAggClient = field(init=False)
+    setup_doc: SecAggSetup | None = None
+
+    def __post_init__(self) -> None:
+        if self.task.secure_aggregation is None:
+            raise ConfigError(f"round {self.task.round_id} does not use secure aggregation")
+        self.session = SecAggClient(self.client_id, self.task.round_id)
+
+    @property
+    def settings(self) -> SecureAggregationTask:
+        assert self.task.secure_aggregation is not None
+        return self.task.secure_aggregation
+
+    def advertise(self) -> None:
+        """Phase 1: post the two public keys."""
+        if utcnow() > self.settings.keys_deadline:
+            raise RoundNotOpen(f"round {self.task.round_id}: phase 1 (keys) closed at {self.settings.keys_deadline}")
+        post_keys(self.store, self.session, layout=self.layout)
+        self.log("secure aggregation: keys posted")
+
+    def share(self) -> None:
+        """Phase 2: wait for the setup, post the sealed shares for this client's neighbours."""
+        doc = _await_document(
+            self.store,
+            self.layout.secagg_setup(self.task.round_id),
+            SecAggSetup,
+            until=self.settings.shares_deadline,
+            poll_seconds=self.poll_seconds,
+            what="the setup",
+        )
+        setup = setup_from_document(doc)
+        if self.client_id not in setup.neighbours:
+            raise RoundNotOpen(f"round {self.task.round_id}: phase 1 closed before this client's keys arrived")
+        self.setup_doc = doc
+        post_shares(self.store, self.session, setup, layout=self.layout)
+        self.log(f"secure aggregation: shares posted for {len(setup.neighbours[self.client_id])} neighbour(s)")
+
+    def send_masked(self, delta: Mapping[str, np.ndarray], *, tmp_dir: Path) -> UpdateManifest:
+        """Phase 3: wait for the ``shared`` roster, read the inbox, upload the masked input."""
+        doc = _await_document(
+            self.store,
+            self.layout.secagg_roster(self.task.round_id, "shared"),
+            SecAggRoster,
+            until=self.task.deadline,
+            poll_seconds=self.poll_seconds,
+            what="the shared roster",
+        )
+        if self.client_id not in doc.clients:
+            raise RoundNotOpen(f"round {self.task.round_id}: this client's shares were not delivered (phase 2 closed)")
+        for sender, reason in receive_inbox(self.store, self.session, layout=self.layout).items():
+            self.log(f"secure aggregation: the share from {sender} was rejected ({InvalidShare.code}): {reason}")
+        quantiser = Quantiser(self.settings.clip_norm, self.settings.max_clients)
+        plain = quantise_update(delta, self.task.tensors, quantiser)
+        offsets = element_offsets(self.task.tensors)
+        flat = np.concatenate([plain[n].ravel() for n in offsets]) if offsets else np.zeros(0, np.uint32)
+        masked = self.session.masked_input(flat, doc.clients)
+        tensors = {n: masked[at : at + plain[n].size].reshape(plain[n].shape) for n, at in offsets.items()}
+        path = tmp_dir / f"{self.client_id}-{self.task.round_id}-masked.safetensors"
+        save_tensors(tensors, path)
+        manifest = self.upload(path)
+        self.log(f"secure aggregation: masked input sent ({flat.size} elements, clipped to {quantiser.clip:g})")
+        return manifest
+
+    def unmask(self) -> None:
+        """Phase 4: wait for the ``masked`` roster, post the shares it entitles the server to."""
+        doc = _await_document(
+            self.store,
+            self.layout.secagg_roster(self.task.round_id, "masked"),
+            SecAggRoster,
+            until=self.settings.unmask_deadline,
+            poll_seconds=self.poll_seconds,
+            what="the masked roster",
+        )
+        if doc.round_id != self.task.round_id or doc.phase != "masked":
+            raise InvalidShare("the masked roster is for another round or phase")
+        if self.client_id not in doc.clients:
+            raise RoundNotOpen(f"round {self.task.round_id}: this client's masked input is not in the sum")
+        post_unmask(self.store, self.session, doc.clients, layout=self.layout)
+        self.log(f"secure aggregation: unmasking answered ({len(doc.clients)} survivor(s))")
+
+
+def submit_securely(
+    store: ObjectStore,
+    task: RoundTask,
+    client_id: str,
+    delta: Mapping[str, np.ndarray],
+    *,
+    upload: Callable[[Path], UpdateManifest],
+    poll_seconds: float = 0.5,
+    layout: BucketLayout = LAYOUT,
+    log: Callable[[str], None] = lambda line: None,
+) -> UpdateManifest:
+    """Every client phase of a secure round for one computed ``delta``; returns the committed
+    manifest of the masked input once the unmasking is answered."""
+    secure = SecureRound(store, task, client_id, upload, poll_seconds=poll_seconds, layout=layout, log=log)
+    secure.advertise()
+    secure.share()
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = secure.send_masked(delta, tmp_dir=Path(tmp))
+    secure.unmask()
+    return manifest

@@ -34,8 +34,9 @@ MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern, max_length=63)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 #: safetensors dtype names fedbucket accepts. Floats are parameters; integers are buffers
-#: (e.g. BatchNorm's ``num_batches_tracked``), aggregated by the rule in docs/protocol.md.
-DType = Literal["F16", "F32", "F64", "I32", "I64"]
+#: (e.g. BatchNorm's ``num_batches_tracked``), aggregated by the rule in docs/protocol.md. ``U32``
+#: is the ring of secure aggregation's masked inputs (docs/protocol.md, "Secure aggregation").
+DType = Literal["F16", "F32", "F64", "I32", "I64", "U32"]
 FLOAT_DTYPES = frozenset({"F16", "F32", "F64"})
 
 
@@ -201,6 +202,22 @@ class TrainingConfig(BaseModel):
         return _check_options(value)
 
 
+class SecureAggregationTask(BaseModel):
+    """How a round with secure aggregation runs (docs/protocol.md, "Secure aggregation"): the
+    quantisation every masked input uses and the deadline of each client phase. Phase 3 (the
+    masked input) ends at the round's ``deadline``."""
+
+    model_config = ConfigDict(extra="forbid")
+    clip_norm: float = Field(gt=0, description="each client clips its update to this L2 norm before quantising")
+    max_clients: int = Field(ge=3, description="the ring holds the sum of this many quantised updates")
+    degree: int | None = Field(default=None, ge=2, description="SecAgg+ neighbours per client; None = everyone")
+    keys_deadline: datetime = Field(description="phase 1: post secagg-keys.json by then")
+    shares_deadline: datetime = Field(description="phase 2: post secagg-shares.json by then")
+    unmask_deadline: datetime = Field(description="phase 4: post secagg-unmask.json by then")
+
+    _tz = field_validator("keys_deadline", "shares_deadline", "unmask_deadline")(_utc)
+
+
 class RoundTask(Document):
     """``rounds/<round>/task.json``: what a round asks of its clients."""
 
@@ -220,6 +237,9 @@ class RoundTask(Document):
     max_examples_per_update: int | None = Field(default=None, ge=1)
     federated_evaluation: bool = Field(
         default=False, description="the round's candidate will be published for clients to score"
+    )
+    secure_aggregation: SecureAggregationTask | None = Field(
+        default=None, description="set when the server may see only the sum of the updates"
     )
 
     _tz_opened = field_validator("opened_at", "deadline")(_utc)
@@ -377,6 +397,22 @@ class PrivacyLedger(Document):
     rounds: list[LedgerRound] = Field(default_factory=list)
 
 
+class SecureAggregationSummary(BaseModel):
+    """Who took part in each phase of a secure-aggregation round (the server learns no more)."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold: int = Field(ge=0)
+    clip_norm: float = Field(gt=0)
+    degree: int | None = None
+    advertised: list[Identifier] = Field(default_factory=list, description="phase 1: posted keys (setup members)")
+    shared: list[Identifier] = Field(default_factory=list, description="phase 2: shares delivered")
+    masked: list[Identifier] = Field(default_factory=list, description="phase 3: masked input in the sum")
+    responded: list[Identifier] = Field(default_factory=list, description="phase 4: answered the unmasking")
+    dropped_after_shares: list[Identifier] = Field(
+        default_factory=list, description="shared keys, sent no usable masked input: their pairwise masks were removed"
+    )
+
+
 class AggregationReport(Document):
     """``rounds/<round>/aggregation.json``: what the aggregation job did."""
 
@@ -393,6 +429,9 @@ class AggregationReport(Document):
     engine: dict[str, Any] = Field(default_factory=dict)
     message: str = ""
     privacy: RoundPrivacy | None = Field(default=None, description="set when the round was differentially private")
+    secure_aggregation: SecureAggregationSummary | None = Field(
+        default=None, description="set when the round used secure aggregation"
+    )
 
 
 class ClassMetrics(BaseModel):

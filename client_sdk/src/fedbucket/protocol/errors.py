@@ -164,3 +164,10 @@ class NotSampled(UpdateRejected):
     update out before its contents were read (docs/privacy.md)."""
 
     code = "not_sampled"
+
+
+class NotInSecureSum(UpdateRejected):
+    """Secure aggregation: the update came from a client whose phase-2 shares were not delivered,
+    so its masks could never be removed; it was not read (docs/privacy.md)."""
+
+    code = "not_in_secure_sum"

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedbucket.protocol.documents import SecAggMember, SecAggSetup
+from fedbucket.protocol.documents import FLOAT_DTYPES, RoundTask, SecAggMember, SecAggSetup, TensorSchema, TensorSpec
 from fedbucket.protocol.errors import UpdateRejected
 
 #: The ring masked inputs live in: uint32, arithmetic modulo 2^32.
@@ -201,6 +201,51 @@ class Quantiser:
     def dequantise_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum of ``count`` quantised vectors whose ring sum is ``total``."""
         return total.astype(np.float64) / self.levels * (2 * self.clip) - count * self.clip
+
+
+# -- the masked input as an update payload -----------------------------------------------------
+# A masked input is a safetensors file with one U32 tensor per float tensor of the model (same
+# name, same shape); integer buffers are not aggregated under secure aggregation (they stay the
+# base model's). Mask words are addressed by a global element index: the float tensors in name
+# order, concatenated, so client and server agree without sharing any file layout.
+
+MASKED_DTYPE = "U32"
+
+
+def masked_schema(schema: TensorSchema) -> TensorSchema:
+    """The schema of a masked input for a model of ``schema``."""
+    return {
+        n: TensorSpec(dtype=MASKED_DTYPE, shape=s.shape) for n, s in sorted(schema.items()) if s.dtype in FLOAT_DTYPES
+    }
+
+
+def update_schema(task: RoundTask) -> TensorSchema:
+    """What an update payload for ``task`` must look like: the model's schema (deltas), or the
+    masked schema when the round uses secure aggregation."""
+    return masked_schema(task.tensors) if task.secure_aggregation is not None else task.tensors
+
+
+def element_offsets(schema: TensorSchema) -> dict[str, int]:
+    """Each masked tensor's first global element index (float tensors in name order)."""
+    offsets, at = {}, 0
+    for name, spec in masked_schema(schema).items():
+        offsets[name] = at
+        at += spec.numel
+    return offsets
+
+
+def quantise_update(
+    delta: Mapping[str, np.ndarray], schema: TensorSchema, quantiser: Quantiser
+) -> dict[str, np.ndarray]:
+    """The float tensors of ``delta`` clipped together to the quantiser's L2 norm, then mapped into
+    the ring (uint32, each tensor's shape): the plaintext a client masks."""
+    names = list(masked_schema(schema))
+    values = {n: np.asarray(delta[n], dtype=np.float64) for n in names}
+    norm = float(np.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in values.values())))
+    if not np.isfinite(norm):
+        raise ValueError("a secure-aggregation input must be finite")
+    scale = 1.0 if norm <= quantiser.clip else quantiser.clip / norm
+    return {n: quantiser.quantise(v * scale).reshape(v.shape) for n, v in values.items()}
 
 
 # -- the protocol's shared data -------------------------------------------------------------

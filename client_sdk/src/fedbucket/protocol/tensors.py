@@ -32,6 +32,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "I32": np.dtype("<i4"),
     "I64": np.dtype("<i8"),
+    "U32": np.dtype("<u4"),
 }
 _DTYPE_NAMES = {v: k for k, v in NUMPY_DTYPES.items()}
 

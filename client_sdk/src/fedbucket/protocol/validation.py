@@ -49,6 +49,7 @@ from fedbucket.protocol.errors import (
     UpdateTooLarge,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.secagg import update_schema
 from fedbucket.protocol.storage import STREAM_CHUNK_BYTES, ObjectInfo, ObjectStore
 from fedbucket.protocol.tensors import Header, header_length, parse_header, read_header
 
@@ -327,7 +328,7 @@ def precheck_update(
     header = parse_header(
         first8 + store.read_range(payload_name, 8, 8 + length, generation=payload.generation), payload.size
     )
-    check_schema(header, task.tensors)
+    check_schema(header, update_schema(task))
     return ClosedUpdate(manifest=manifest, committed_at=committed_at, payload_generation=payload.generation)
 
 
@@ -371,10 +372,10 @@ def validate_closed(
         summary = check_payload(
             fp,
             manifest.size_bytes,
-            schema=task.tensors,
+            schema=update_schema(task),
             max_bytes=task.max_update_bytes,
             expected_sha256=manifest.sha256,
-            max_norm=task.max_update_norm,
+            max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
             exact_norm=exact_norm,
         )
     return ValidatedUpdate(

@@ -47,6 +47,7 @@ from fedbucket.protocol.documents import (
 from fedbucket.protocol.errors import (
     ConfigError,
     MalformedPayload,
+    NotInSecureSum,
     NotSampled,
     ObjectNotFound,
     ParticipationCapReached,
@@ -54,6 +55,7 @@ from fedbucket.protocol.errors import (
     UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.secagg import Quantiser, element_offsets
 from fedbucket.protocol.storage import ObjectStore, cached_store
 from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
 from fedbucket.protocol.validation import rejection_verdict, validate_closed
@@ -70,6 +72,14 @@ from fedbucket.server.privacy import (
     round_mechanism,
 )
 from fedbucket.server.rounds import survey_round
+from fedbucket.server.secagg import (
+    SecAggAbandoned,
+    SecureRoundState,
+    UnmaskPlan,
+    plan_unmasking,
+    read_round_state,
+    unmask_range,
+)
 from fedbucket.server.strategies import Strategy, build_strategy, integer_mean_step
 
 #: Default shard size: 4 Mi elements (16 MiB of float32 per client read, 32 MiB float64 accumulator).
@@ -128,9 +138,22 @@ class AggregationPlan:
     #: Differential privacy: the round's secret noise and its std on each averaged coordinate.
     noise: RoundNoise | None = None
     noise_stddev: float = 0.0
+    #: Secure aggregation: the sources are masked inputs; their ring sum is unmasked, then averaged.
+    secure: SecureSum | None = None
 
     def strategy(self) -> Strategy:
         return build_strategy(self.strategy_name, dict(self.strategy_options))
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """How a shard turns masked inputs into the mean update: sum the sources' uint32 words modulo
+    2^32, remove the masks of ``unmask`` on the shard's element range (global element index =
+    ``offsets[tensor]`` + the element's index in the tensor), de-quantise and divide by the count."""
+
+    unmask: UnmaskPlan
+    offsets: dict[str, int]
+    quantiser: Quantiser
 
 
 def plan_shards(header: Header, max_elements: int = DEFAULT_SHARD_ELEMENTS) -> list[Shard]:
@@ -217,7 +240,9 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     combined = np.zeros(base_float.size)
     scratch = np.empty(base_float.size)
     int_rows = np.empty((n, base_int.size), dtype=np.int64)
-    for i, source in enumerate(plan.sources):  # client-id order: the same bits on every run
+    if plan.secure is not None:
+        combined = _secure_mean(store, plan, plan.secure, float_pieces)
+    for i, source in enumerate(plan.sources if plan.secure is None else ()):  # client-id order: same bits
         parts = _read_pieces(store, source.payload_name, source.generation, source.tensors, shard)
         for (floating, at, count), values in zip(spans, parts, strict=True):
             if not floating:
@@ -239,8 +264,10 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
     new_float, state = strategy.step(
         base_float, combined, _read_state(store, plan, strategy, float_pieces, base_float.size)
     )
-    if plan.noise is not None or not base_int.size:
-        new_int = base_int  # DP: integer buffers (e.g. batch counts) would release unnoised counts; kept as is
+    if plan.noise is not None or plan.secure is not None or not base_int.size:
+        # DP: integer buffers (e.g. batch counts) would release unnoised counts; secure aggregation
+        # does not send them at all. Kept as they are in the base.
+        new_int = base_int
     else:
         new_int = integer_mean_step(base_int, int_rows, [s.examples for s in plan.sources])
 
@@ -258,6 +285,20 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
         out += values.astype(dtype).tobytes()
     state_bytes = {name: v.astype(NUMPY_DTYPES[STATE_DTYPE]).tobytes() for name, v in state.items()}
     return index, bytes(out), state_bytes
+
+
+def _secure_mean(store: ObjectStore, plan: AggregationPlan, secure: SecureSum, pieces: Shard) -> np.ndarray:
+    """The mean update on the shard's float pieces from the masked inputs (float64, piece order)."""
+    out = []
+    count = len(plan.sources)
+    for piece in pieces:
+        total = np.zeros(piece.stop - piece.start, dtype=np.uint32)
+        for source in plan.sources:  # uint32 addition wraps: the sum is modulo 2^32
+            (words,) = _read_pieces(store, source.payload_name, source.generation, source.tensors, (piece,))
+            np.add(total, words, out=total)
+        ring_sum = unmask_range(total, secure.unmask, secure.offsets[piece.tensor] + piece.start)
+        out.append(secure.quantiser.dequantise_sum(ring_sum, count) / count)
+    return _flat(out)
 
 
 def _read_state(
@@ -417,18 +458,56 @@ def run_aggregation(
         ledger, ledger_generation = read_ledger(store, layout=layout)  # one read: admission and charge agree
         updates, charged, refused = _privacy_admission(updates, client_histories(ledger, excluding=round_id), dp, noise)
         mechanism = round_mechanism(dp, min_clients=task.min_clients, clip_norm=clip_norm_for(ledger, round_id, dp))
+    secure = None
+    if task.secure_aggregation is not None:
+        _check_secure_strategy(strategy, dp)
+        try:
+            secure = read_round_state(store, task, layout=layout)
+            unmask = plan_unmasking(secure.setup, secure.shared, secure.masked, secure.responses)
+        except SecAggAbandoned as exc:
+            return _abandoned(store, task, strategy, quorum, closing, secure, str(exc), started, layout, log)
+        in_sum = set(secure.masked)
+        refused = [
+            rejection_verdict(
+                u.manifest.client_id,
+                NotInSecureSum("its phase-2 shares were not delivered: its masks could not be removed"),
+                u.committed_at,
+            )
+            for u in updates
+            if u.manifest.client_id not in in_sum
+        ]
+        updates = [u for u in updates if u.manifest.client_id in in_sum]
+        if len(updates) != len(in_sum):  # the roster was written from this very closing
+            return _abandoned(
+                store, task, strategy, quorum, closing, secure, "the masked roster and the closing disagree", started,
+                layout, log,
+            )  # fmt: skip
     log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
     exact_norm = strategy.clip_norm is not None or dp is not None  # the norm scales the update: deterministic
     validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
     accepted = [v for v in validated if v.source is not None]
+    if secure is not None and len(accepted) != len(validated):  # a masked input that fails cannot leave the sum
+        bad = ", ".join(f"{v.verdict.client_id} ({v.verdict.code})" for v in validated if v.source is None)
+        return _abandoned(
+            store, task, strategy, quorum, closing, secure, f"masked input(s) failed validation: {bad}", started,
+            layout, log, verdicts=[v.verdict for v in validated] + refused,
+        )  # fmt: skip
     total_examples = sum(v.source.examples for v in accepted if v.source is not None)
     sources = tuple(
         dataclasses.replace(
             v.source,
             # DP: equal weights over the fixed denominator (a client's example count is unbounded)
-            weight=1 / mechanism.denominator if dp is not None else v.source.examples / total_examples,
+            weight=_weight(
+                v.source,
+                total_examples,
+                len(accepted),
+                dp=mechanism.denominator if dp else None,
+                secure=secure is not None,
+            ),
             scale=_dp_clip_scale(mechanism.clip_norm, v.l2_norm)
             if dp is not None
+            else 1.0
+            if secure is not None
             else strategy.client_scale(v.l2_norm),
         )
         for v in accepted
@@ -450,6 +529,7 @@ def run_aggregation(
         min_clients=quorum,
         updates=verdicts,
         engine=dict(engine_info or {}),
+        secure_aggregation=secure.summary() if secure is not None else None,
     )
     if len(sources) >= quorum:
         strategy.check_clients(len(sources))
@@ -478,6 +558,14 @@ def run_aggregation(
         state_payload_name=state_name,
         state_tensors=state_tensors,
     )
+    if secure is not None:
+        quantiser = Quantiser(secure.setup_document.clip_norm, secure.setup_document.max_clients)
+        plan = dataclasses.replace(plan, secure=SecureSum(unmask, element_offsets(task.tensors), quantiser))
+        log(
+            f"secure aggregation: {len(sources)} masked input(s) summed modulo 2^32; {len(unmask.corrections)} "
+            f"mask(s) to remove ({len(secure.shared) - len(secure.masked)} client(s) dropped after sharing keys), "
+            f"threshold {secure.setup.threshold}, updates clipped to {quantiser.clip:g}"
+        )
     round_privacy = None
     if dp is not None:
         unclipped = sum(1 for v in accepted if v.l2_norm <= mechanism.clip_norm)
@@ -537,6 +625,56 @@ def run_aggregation(
         "total_s": time.perf_counter() - started,
     }
     write_document(store, layout.aggregation_report(round_id), report)
+    log(report.message)
+    return report
+
+
+def _weight(source: UpdateSource, total_examples: int, count: int, *, dp: int | None, secure: bool) -> float:
+    """An accepted update's weight: equal over DP's fixed denominator, equal under secure aggregation
+    (the server cannot weight what it cannot see), else its share of the examples (FedAvg)."""
+    if dp is not None:
+        return 1 / dp
+    if secure:
+        return 1 / count
+    return source.examples / total_examples
+
+
+def _check_secure_strategy(strategy: Strategy, dp: PrivacySettings | None) -> None:
+    """Refuse what secure aggregation cannot do (the config refuses it first; the task is the truth)."""
+    if strategy.needs_all_deltas or strategy.clip_norm is not None or dp is not None:
+        raise ConfigError(
+            f"strategy {strategy.describe()}{' with dp' if dp else ''} cannot run under secure aggregation: the "
+            "server sees only the sum of the updates (use fedavg or a server optimiser, without clip_norm or dp)"
+        )
+
+
+def _abandoned(
+    store: ObjectStore,
+    task: RoundTask,
+    strategy: Strategy,
+    quorum: int,
+    closing: RoundClosing,
+    secure: SecureRoundState | None,
+    reason: str,
+    started: float,
+    layout: BucketLayout,
+    log: Callable[[str], None],
+    verdicts: list[UpdateVerdict] | None = None,
+) -> AggregationReport:
+    """A secure round that cannot be unmasked: below-quorum report with the reason; nothing released."""
+    report = AggregationReport(
+        round_id=task.round_id,
+        status="below_quorum",
+        base_model_version=task.base_model_version,
+        strategy=strategy.name,
+        strategy_options=strategy.options(),
+        min_clients=quorum,
+        updates=sorted([*(verdicts or []), *closing.late], key=lambda v: (not v.accepted, v.client_id)),
+        message=f"secure aggregation abandoned: {reason}",
+        timings={"total_s": time.perf_counter() - started},
+        secure_aggregation=secure.summary() if secure is not None else None,
+    )
+    write_document(store, layout.aggregation_report(task.round_id), report)
     log(report.message)
     return report
 

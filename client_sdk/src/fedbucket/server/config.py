@@ -208,6 +208,27 @@ class PrivacySettings(_Section):
         return self.expected_clients or min_clients
 
 
+class SecureAggregationSettings(_Section):
+    """Secure aggregation (SecAgg / SecAgg+; docs/privacy.md): the server learns only the sum of
+    the masked updates of the clients that finished. Clients clip their update to ``clip_norm`` and
+    quantise it into uint32; updates count equally (the server cannot weight what it cannot see).
+
+    Timeline of a round: clients train and post keys until the round's ``deadline_seconds`` (phase
+    1), then each later phase gets ``phase_seconds`` (shares, masked input, unmasking); every phase
+    ends early once everyone expected has answered, or ``grace_seconds`` after the quorum."""
+
+    enabled: bool = Field(default=False, description="run every round with secure aggregation")
+    clip_norm: float = Field(default=1.0, gt=0, description="each client clips its update to this L2 norm")
+    degree: int | None = Field(
+        default=None, ge=2, description="SecAgg+: neighbours per client (even, ~ 2 log2 n); None = every client"
+    )
+    threshold: int | None = Field(
+        default=None, ge=2, description="shares that reconstruct a secret (default: a strict majority of neighbours)"
+    )
+    phase_seconds: float = Field(default=120.0, gt=0, description="deadline of each phase after the first")
+    grace_seconds: float = Field(default=2.0, ge=0, description="after a phase's quorum, wait this long for more")
+
+
 class FederationConfig(_Section):
     bucket: str = Field(min_length=1, description="federation root URL: gs://bucket/prefix or file:///dir")
     model: ModelSpec = ModelSpec(name="mlp", kwargs={"hidden": 64})
@@ -219,6 +240,7 @@ class FederationConfig(_Section):
     gate: GateSettings = GateSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     privacy: PrivacySettings = PrivacySettings()
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
     dataproc: DataprocSettings | None = None
     holdout_fraction: float = Field(
         default=0.2,
@@ -239,6 +261,13 @@ class FederationConfig(_Section):
                 "dp on Dataproc needs [privacy] key_secret: the Secret Manager version of the noise key "
                 "(terraform output dp_key_secret); the job cannot get it any other way without exposing it"
             )
+        if self.secure_aggregation.enabled and self.round.min_clients < 3:
+            raise ValueError("secure aggregation needs [round] min_clients of at least 3 (a sum of two reveals both)")
+        if self.secure_aggregation.enabled and self.round.max_clients is None:
+            raise ValueError(
+                "secure aggregation needs [round] max_clients: the quantisation ring is sized so that the sum of "
+                "that many updates cannot wrap"
+            )
         return self
 
     @classmethod
@@ -252,7 +281,7 @@ class FederationConfig(_Section):
             config = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
-        check_aggregation(config.aggregation, config.privacy)  # ConfigError names the option
+        check_aggregation(config.aggregation, config.privacy, config.secure_aggregation)  # names the option
         return config
 
 
@@ -290,6 +319,7 @@ class RunSettings(_Section):
     gate: GateSettings
     evaluation: EvaluationSettings
     privacy: PrivacySettings = PrivacySettings()
+    secure_aggregation: SecureAggregationSettings = SecureAggregationSettings()
     aggregation_quorum: int = Field(
         ge=1, description="valid updates aggregation needs: the quorum that still closes a round at its deadline"
     )
@@ -317,6 +347,7 @@ class RunSettings(_Section):
             "gate": config.gate.model_dump(),
             "evaluation": config.evaluation.model_dump(),
             "privacy": config.privacy.model_dump(),
+            "secure_aggregation": config.secure_aggregation.model_dump(),
         }
         for key, value in overrides.items():
             if key in RUN_PARAMETERS and value is not None:
@@ -334,7 +365,7 @@ class RunSettings(_Section):
             )
         except ValidationError as exc:
             raise ConfigError(f"run parameters: {describe_validation_error(exc)}") from None
-        check_aggregation(settings.aggregation, settings.privacy)
+        check_aggregation(settings.aggregation, settings.privacy, settings.secure_aggregation)
         return settings
 
     @property
@@ -343,13 +374,35 @@ class RunSettings(_Section):
         return self.gate.source in ("federated", "both")
 
 
-def check_aggregation(aggregation: AggregationSettings, privacy: PrivacySettings) -> None:
+def check_aggregation(
+    aggregation: AggregationSettings,
+    privacy: PrivacySettings,
+    secure: SecureAggregationSettings | None = None,
+) -> None:
     """Raise :class:`ConfigError` unless the strategy takes its options and can run with the
     privacy settings: DP-FedAvg needs a mean-based strategy (the Gaussian noise is calibrated to the
-    sensitivity of a sum) and does its own clipping."""
+    sensitivity of a sum) and does its own clipping; secure aggregation releases only a sum, so
+    nothing that needs one client's update (a median, a trimmed mean, a server-side norm) can run."""
     from fedbucket.server.strategies import build_strategy
 
     strategy = build_strategy(aggregation.strategy, aggregation.options)
+    if secure is not None and secure.enabled:
+        if strategy.needs_all_deltas:
+            raise ConfigError(
+                f"strategy {strategy.name!r} cannot run with secure aggregation: it needs every client's update, "
+                "and the server sees only their sum; use fedavg or a server optimiser (fedavgm, fedadam, fedyogi, "
+                "fedadagrad)"
+            )
+        if strategy.clip_norm is not None:
+            raise ConfigError(
+                "with secure aggregation the server cannot see an update's norm: clients clip to "
+                "[secure_aggregation] clip_norm themselves; remove the strategy's clip_norm option"
+            )
+        if privacy.dp:
+            raise ConfigError(
+                "central dp needs each update's norm, which secure aggregation hides; distributed DP under secure "
+                "aggregation is not available yet (docs/privacy.md): turn one of them off"
+            )
     if not privacy.dp:
         return
     if strategy.needs_all_deltas:

@@ -72,6 +72,8 @@ def build_round_report(
         valid = sum(1 for u in updates if u.accepted)
         status = "abandoned"
         message = f"abandoned: {len(closing.updates)} update(s) by the close, {valid} valid; quorum not reached"
+        if aggregation is not None and aggregation.status == "below_quorum" and aggregation.message:
+            message = f"abandoned: {aggregation.message}"  # the aggregation's own reason
     elif aggregation is None or candidate is None:
         status, message = "failed", "aggregation did not finish (see the aggregate task log)"
     elif evaluation is None or decision is None:

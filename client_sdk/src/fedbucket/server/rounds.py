@@ -34,6 +34,7 @@ from fedbucket.protocol.documents import (
     RoundClosing,
     RoundPointer,
     RoundTask,
+    SecureAggregationTask,
     TrainingConfig,
     UpdateVerdict,
     read_document,
@@ -51,7 +52,7 @@ from fedbucket.protocol.errors import (
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
 from fedbucket.protocol.storage import ObjectInfo, ObjectStore
-from fedbucket.protocol.tensors import read_header_file, save_tensors
+from fedbucket.protocol.tensors import NUMPY_DTYPES, read_header_file, save_tensors
 from fedbucket.protocol.validation import (
     check_client_evaluation,
     list_client_evaluations,
@@ -61,7 +62,7 @@ from fedbucket.protocol.validation import (
     read_update_manifest,
     rejection_verdict,
 )
-from fedbucket.server.config import EvaluationSettings, WaitSettings
+from fedbucket.server.config import EvaluationSettings, SecureAggregationSettings, WaitSettings
 
 #: Default hard limit on an update's size: the model's own size plus header slack, times 1.
 UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
@@ -166,11 +167,17 @@ def open_round(
     max_update_norm: float | None = None,
     max_examples_per_update: int | None = None,
     federated_evaluation: bool = False,
+    secure_aggregation: SecureAggregationSettings | None = None,
+    settle_seconds: float = 0.0,
     layout: BucketLayout = LAYOUT,
 ) -> RoundTask:
     """Write ``rounds/<round>/task.json`` based on the current model and point ``rounds/current.json``
     at it. Idempotent: if the task exists it is returned unchanged (a re-run never re-opens a
     round with another base); the pointer only ever moves to a round opened later.
+
+    With ``secure_aggregation`` enabled, ``deadline_seconds`` is phase 1's (train, then post keys)
+    and each later phase gets ``phase_seconds``; the task's ``deadline`` is phase 3's (masked
+    inputs), and the unmasking deadline also leaves ``settle_seconds`` for the close of phase 3.
     """
     task, _ = read_optional(store, layout.round_task(round_id), RoundTask)
     if task is None:
@@ -178,21 +185,41 @@ def open_round(
             raise ConfigError(f"round id {round_id!r} is already the version of a model; choose another round id")
         pointer, _ = current_model(store, layout=layout)
         base, _ = read_document(store, layout.model_manifest(pointer.version), ModelManifest)
+        deadline = opened_at + timedelta(seconds=deadline_seconds)
+        max_update_bytes = base.size_bytes + UPDATE_SIZE_SLACK_BYTES
+        secure = None
+        if secure_aggregation is not None and secure_aggregation.enabled:
+            if max_clients is None:
+                raise ConfigError("secure aggregation needs max_clients (the ring holds the sum of that many updates)")
+            phase = timedelta(seconds=secure_aggregation.phase_seconds)
+            keys_deadline = deadline
+            deadline = keys_deadline + 2 * phase
+            secure = SecureAggregationTask(
+                clip_norm=secure_aggregation.clip_norm,
+                max_clients=max(3, max_clients),
+                degree=secure_aggregation.degree,
+                keys_deadline=keys_deadline,
+                shares_deadline=keys_deadline + phase,
+                unmask_deadline=deadline + timedelta(seconds=settle_seconds) + phase,
+            )
+            # a masked input holds 4 bytes per float element: larger than an F16 model's delta
+            max_update_bytes += sum(max(0, 4 - NUMPY_DTYPES[t.dtype].itemsize) * t.numel for t in base.tensors.values())
         task = RoundTask(
             round_id=round_id,
             base_model_version=base.version,
             base_model_sha256=base.sha256,
             model=base.model,
             opened_at=opened_at,
-            deadline=opened_at + timedelta(seconds=deadline_seconds),
+            deadline=deadline,
             training=training,
             tensors=base.tensors,
-            max_update_bytes=base.size_bytes + UPDATE_SIZE_SLACK_BYTES,
+            max_update_bytes=max_update_bytes,
             min_clients=min_clients,
             max_clients=max_clients,
             max_update_norm=max_update_norm,
             max_examples_per_update=max_examples_per_update,
             federated_evaluation=federated_evaluation,
+            secure_aggregation=secure,
         )
         try:
             write_document(store, layout.round_task(round_id), task, if_generation_match=0)

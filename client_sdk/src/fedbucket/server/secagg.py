@@ -16,20 +16,37 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
 
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    AggregationReport,
     DocumentT,
+    RoundClosing,
+    RoundTask,
     SecAggInbox,
     SecAggKeys,
     SecAggRoster,
+    SecAggSetup,
     SecAggShares,
     SecAggUnmask,
+    SecureAggregationSummary,
+    SecureAggregationTask,
     read_document,
+    read_optional,
+    utcnow,
     write_document,
 )
-from fedbucket.protocol.errors import FedbucketError, SchemaError, StorageError
+from fedbucket.protocol.errors import (
+    ConfigError,
+    FedbucketError,
+    LateUpdate,
+    ObjectNotFound,
+    SchemaError,
+    StorageError,
+)
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
     SEED_BYTES,
@@ -43,10 +60,13 @@ from fedbucket.protocol.secagg import (
     pair_context,
     pairwise_sign,
     setup_document,
+    setup_from_document,
     unb64,
 )
 from fedbucket.protocol.storage import ObjectStore
-from fedbucket.protocol.validation import list_secagg_documents
+from fedbucket.protocol.validation import list_secagg_documents, rejection_verdict
+from fedbucket.server.config import RoundSettings, SecureAggregationSettings, WaitSettings
+from fedbucket.server.rounds import Survey, freeze_round
 
 
 class SecAggAbandoned(FedbucketError):
@@ -207,13 +227,13 @@ def publish_setup(
 ) -> Setup:
     """After phase 1: every client that posted well-formed keys is a member; write the setup."""
     advertised = {}
-    for client, doc in sorted(_client_documents(store, round_id, "keys", SecAggKeys, layout).items())[:max_clients]:
+    for client, doc in sorted(_client_documents(store, round_id, "keys", SecAggKeys, layout).items()):
         try:
             cipher, mask = unb64(doc.cipher_public, "key"), unb64(doc.mask_public, "key")
         except InvalidShare:
             continue
-        if len(cipher) == 32 and len(mask) == 32:
-            advertised[client] = Advertised(cipher, mask)
+        if len(cipher) == 32 and len(mask) == 32 and len(advertised) < max_clients:
+            advertised[client] = Advertised(cipher, mask)  # well-formed keys first, then the cap
     if len(advertised) < 3:
         raise SecAggAbandoned(f"{len(advertised)} client(s) advertised keys; secure aggregation needs at least 3")
     setup = make_setup(round_id, advertised, degree=degree, threshold=threshold)
@@ -263,3 +283,203 @@ def collect_unmasking(
             continue
         out[client] = answers
     return out
+
+
+# -- the round's phases as waits ----------------------------------------------------------------
+
+#: The secure-aggregation waits of a round, in order; ``masked`` (phase 3) is the round's update wait.
+SecAggPhase = Literal["keys", "shares", "unmask"]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One client's document of a phase, as listed (the store's commit time)."""
+
+    client_id: str
+    committed_at: datetime
+
+
+@dataclass
+class PhaseSurvey(Survey):
+    """A phase's documents as they stand: from the clients the phase expects, on time."""
+
+
+def secure_task(task: RoundTask) -> SecureAggregationTask:
+    if task.secure_aggregation is None:
+        raise ConfigError(f"round {task.round_id} does not use secure aggregation")
+    return task.secure_aggregation
+
+
+def phase_deadline(task: RoundTask, phase: SecAggPhase) -> datetime:
+    secure = secure_task(task)
+    return {"keys": secure.keys_deadline, "shares": secure.shares_deadline, "unmask": secure.unmask_deadline}[phase]
+
+
+def expected_clients(
+    store: ObjectStore, task: RoundTask, phase: SecAggPhase, *, layout: BucketLayout = LAYOUT
+) -> list[str] | None:
+    """Who a phase waits for: anyone (keys), the setup's members (shares), the clients whose masked
+    input is in the sum (unmask)."""
+    if phase == "keys":
+        return None
+    if phase == "shares":
+        doc, _ = read_document(store, layout.secagg_setup(task.round_id), SecAggSetup)
+        return sorted(doc.members)
+    return read_roster_document(store, task.round_id, "masked", layout=layout)
+
+
+def read_roster_document(store: ObjectStore, round_id: str, phase: str, *, layout: BucketLayout = LAYOUT) -> list[str]:
+    doc, _ = read_document(store, layout.secagg_roster(round_id, phase), SecAggRoster)
+    return list(doc.clients)
+
+
+def survey_phase(
+    store: ObjectStore,
+    task: RoundTask,
+    phase: SecAggPhase,
+    expected: Sequence[str] | None,
+    *,
+    layout: BucketLayout = LAYOUT,
+) -> PhaseSurvey:
+    """The phase's documents listed now (names and commit times only: a poll reads no content;
+    the step after the wait parses them and drops the malformed). Late ones count as rejected."""
+    deadline = phase_deadline(task, phase)
+    wanted = set(expected) if expected is not None else None
+    survey = PhaseSurvey()
+    listing = list_secagg_documents(store, task.round_id, phase, layout=layout)
+    survey.ignored = listing.ignored
+    for info in listing.manifests:
+        client, _ = layout.parse_secagg_client(info.name, phase)
+        if wanted is not None and client not in wanted:
+            survey.ignored += 1
+        elif info.updated > deadline:
+            survey.rejected.append(
+                rejection_verdict(client, LateUpdate(f"phase {phase} document committed after {deadline.isoformat()}"))
+            )
+        else:
+            survey.on_time.append(Arrival(client, info.updated))
+    return survey
+
+
+def phase_wait_settings(
+    task: RoundTask,
+    phase: SecAggPhase | Literal["masked"],
+    expected: Sequence[str] | None,
+    *,
+    round_settings: RoundSettings,
+    secure: SecureAggregationSettings,
+    threshold: int | None = None,
+) -> WaitSettings:
+    """When a phase's wait ends (:func:`~fedbucket.server.rounds.wait_decision`): the keys phase
+    like a round's update wait; a later phase at once when everyone expected answered, ``grace``
+    after the quorum (the threshold; the round's quorum for masked inputs), or at its deadline."""
+    if phase == "keys":
+        return WaitSettings(
+            min_clients=max(3, round_settings.min_clients),
+            max_clients=max(3, task.max_clients or round_settings.max_clients or 3),
+            grace_seconds=round_settings.grace_seconds,
+            min_clients_at_deadline=max(3, round_settings.quorum_at_deadline),
+            settle_seconds=round_settings.settle_seconds,
+            poll_seconds=round_settings.poll_seconds,
+        )
+    everyone = max(1, len(expected or ()))
+    quorum = round_settings.min_clients if phase == "masked" else threshold or 2
+    quorum = max(1, min(quorum, everyone))
+    at_deadline = round_settings.quorum_at_deadline if phase == "masked" else quorum
+    return WaitSettings(
+        min_clients=quorum,
+        max_clients=everyone,
+        grace_seconds=secure.grace_seconds,
+        min_clients_at_deadline=min(at_deadline, quorum),
+        settle_seconds=round_settings.settle_seconds,
+        poll_seconds=round_settings.poll_seconds,
+    )
+
+
+def setup_threshold(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> int:
+    doc, _ = read_document(store, layout.secagg_setup(round_id), SecAggSetup)
+    return doc.threshold
+
+
+def read_setup_document(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> Setup:
+    doc, _ = read_document(store, layout.secagg_setup(round_id), SecAggSetup)
+    return setup_from_document(doc)
+
+
+def publish_masked_roster(
+    store: ObjectStore, task: RoundTask, closing: RoundClosing, *, layout: BucketLayout = LAYOUT
+) -> list[str]:
+    """After phase 3 (the round's close): the clients whose masked input is frozen for the sum —
+    those whose shares were delivered (an update from anyone else cannot be unmasked). Written once;
+    a re-run finds it."""
+    existing, _ = read_optional(store, layout.secagg_roster(task.round_id, "masked"), SecAggRoster)
+    if existing is not None:
+        return list(existing.clients)
+    shared = set(read_roster_document(store, task.round_id, "shared", layout=layout))
+    masked = sorted(u.manifest.client_id for u in closing.updates if u.manifest.client_id in shared)
+    publish_roster(store, task.round_id, "masked", masked, layout=layout)
+    return masked
+
+
+def abandon_round(
+    store: ObjectStore,
+    task: RoundTask,
+    *,
+    message: str,
+    strategy: str,
+    min_clients: int,
+    layout: BucketLayout = LAYOUT,
+) -> None:
+    """End a secure round that fell below a threshold before aggregation: the round is closed
+    (``below_quorum`` if it was still open) and the aggregation report says why; nothing is released."""
+    freeze_round(store, task, reason="below_quorum", closed_at=utcnow(), layout=layout)
+    report = AggregationReport(
+        round_id=task.round_id,
+        status="below_quorum",
+        base_model_version=task.base_model_version,
+        strategy=strategy,
+        min_clients=min_clients,
+        message=message,
+    )
+    write_document(store, layout.aggregation_report(task.round_id), report)
+
+
+@dataclass(frozen=True)
+class SecureRoundState:
+    """What the bucket says about a secure round when aggregation starts."""
+
+    setup: Setup
+    setup_document: SecAggSetup
+    shared: tuple[str, ...]
+    masked: tuple[str, ...]
+    responses: Mapping[str, Mapping[str, tuple[str, bytes]]]
+
+    def summary(self) -> SecureAggregationSummary:
+        return SecureAggregationSummary(
+            threshold=self.setup.threshold,
+            clip_norm=self.setup_document.clip_norm,
+            degree=min(len(v) for v in self.setup.neighbours.values()),
+            advertised=sorted(self.setup.keys),
+            shared=list(self.shared),
+            masked=list(self.masked),
+            responded=sorted(set(self.responses) & set(self.masked)),
+            dropped_after_shares=sorted(set(self.shared) - set(self.masked)),
+        )
+
+
+def read_round_state(store: ObjectStore, task: RoundTask, *, layout: BucketLayout = LAYOUT) -> SecureRoundState:
+    """The setup, the two rosters and the phase-4 answers of a secure round (a missing document
+    means the round never got that far: :class:`SecAggAbandoned`)."""
+    try:
+        doc, _ = read_document(store, layout.secagg_setup(task.round_id), SecAggSetup)
+        shared = read_roster_document(store, task.round_id, "shared", layout=layout)
+        masked = read_roster_document(store, task.round_id, "masked", layout=layout)
+    except ObjectNotFound as exc:
+        raise SecAggAbandoned(f"the round's secure-aggregation documents are incomplete: {exc}") from None
+    return SecureRoundState(
+        setup=setup_from_document(doc),
+        setup_document=doc,
+        shared=tuple(shared),
+        masked=tuple(masked),
+        responses=collect_unmasking(store, task.round_id, layout=layout),
+    )
