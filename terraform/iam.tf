@@ -89,7 +89,7 @@ resource "google_storage_bucket_iam_member" "client_read_round" {
 
   condition {
     title       = "read-models-and-tasks-${each.key}"
-    description = "Read promoted models, the pointers, round and evaluation tasks and round candidates."
+    description = "Read promoted models, the pointers, round and evaluation tasks, round candidates and secure-aggregation setups and rosters."
     expression = join(" || ", [
       "resource.name.startsWith(\"${local.objects_root}models/\")",
       "resource.name == \"${local.objects_root}rounds/current.json\"",
@@ -98,6 +98,11 @@ resource "google_storage_bucket_iam_member" "client_read_round" {
       # reports: they name every client, its example count and its rejections.
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/evaluation-task.json\"))",
       "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/candidate/model.safetensors\"))",
+      # Secure aggregation: the round's setup (public keys, graph, threshold) and the two rosters.
+      # A client's sealed shares reach it in its own inbox (updates/<client>/...); nobody else's.
+      "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/secagg-setup.json\"))",
+      "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/secagg-shared.json\"))",
+      "(resource.name.startsWith(\"${local.objects_root}rounds/\") && resource.name.endsWith(\"/secagg-masked.json\"))",
     ])
   }
 }

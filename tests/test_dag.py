@@ -55,6 +55,7 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
     gate_source = round_settings.pop("gate_source", "holdout")
     evaluation_min_clients = round_settings.pop("evaluation_min_clients", 3)
     privacy = round_settings.pop("privacy", {})
+    secure_aggregation = round_settings.pop("secure_aggregation", {})
     lines = [f'bucket = "{bucket}"', 'model = { name = "mlp", kwargs = { hidden = 32 } }', "retries = 1"]
     lines += ["retry_delay_seconds = 0", "", "[round]"]
     lines += [f"{k} = {v}" for k, v in round_settings.items() if v is not None]
@@ -81,6 +82,8 @@ def write_config(tmp_path: Path, bucket: str, **round_overrides) -> Path:
     lines += ["", "[aggregation]", 'spark_master = "local[2]"']
     if privacy:
         lines += ["", "[privacy]"] + [f"{k} = {json.dumps(v)}" for k, v in privacy.items()]
+    if secure_aggregation:
+        lines += ["", "[secure_aggregation]"] + [f"{k} = {json.dumps(v)}" for k, v in secure_aggregation.items()]
     if spark_submit:
         lines.append(f'spark_submit = "{spark_submit}"')
     path = tmp_path / "federation.toml"
@@ -151,6 +154,9 @@ class Clients:
                         return
                     task = client.current_round()
                 behaviour = self.behaviours[client_id]
+                if behaviour.startswith("drop-after-"):
+                    self._drop_out(client, task, behaviour.removeprefix("drop-after-"), index)
+                    return
                 if behaviour == "hostile":
                     _write_raw_update(
                         client.store, task, client_id, _hostile_payload("nan", task, np.random.default_rng(0)), 5
@@ -174,6 +180,27 @@ class Clients:
                     self._evaluate(client, task, behaviour, index)
         except Exception as exc:  # surfaced in __exit__
             self.errors.append(f"{client_id}: {type(exc).__name__}: {exc}")
+
+    def _drop_out(self, client: Client, task, phase: str, index: int) -> None:
+        """A secure-aggregation client that goes silent after ``phase`` (keys, shares, masked)."""
+        from fedbucket.client import compute_delta, upload_update
+        from fedbucket.client.secagg import SecureRound
+
+        model = build_model(task.model)
+        load_global_weights(model, client.fetch_model(task))
+        train_local(model, self.train.subset(self.parts[index]), task.training, seed=index)
+        delta = compute_delta(model.state_dict(), client.fetch_model(task, as_numpy=True))
+        secure = SecureRound(
+            client.store,
+            task,
+            client.client_id,
+            lambda path: upload_update(client.store, task, client.client_id, path, num_examples=10),
+        )
+        secure.advertise()
+        if phase != "keys":
+            secure.share()
+        if phase == "masked":
+            secure.send_masked(delta, tmp_dir=self.cache)
 
     def _evaluate(self, client: Client, task, behaviour: str, index: int) -> None:
         """Wait for the round's candidate to be published for scoring, then score it (or forge)."""
@@ -472,3 +499,43 @@ def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(
     assert not store.exists(LAYOUT.round_task("dp-2"))  # no client was asked to train
     with pytest.raises(PrivacyBudgetExceeded, match=r"over the budget of 2\.5 by 0\.4"):
         check_budget(store, "dp-2", FederationConfig.load(config).privacy)  # what the publish step logged
+
+
+@pytest.mark.parametrize("store_url", ["file", "gcs"], indirect=True)
+def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(federation, tmp_path):
+    """Secure aggregation through the real DAG and Spark: four client phases as four waits, one
+    client silent after each phase, and the server's bucket never holds an update in the clear."""
+    from fedbucket.protocol.documents import AggregationReport, SecAggSetup
+    from fedbucket.protocol.tensors import tensors_from_bytes
+
+    store, url = federation
+    behaviours = {f"c{i}": "honest" for i in range(4)} | {
+        "c4": "drop-after-keys", "c5": "drop-after-shares", "c6": "drop-after-masked",
+    }  # fmt: skip
+    # Generous deadlines: every phase ends when everyone expected answered, or 10 s after its quorum.
+    secure = {"enabled": True, "clip_norm": 5.0, "phase_seconds": 600, "grace_seconds": 10}
+    config = write_config(tmp_path, url, deadline_seconds=600, min_clients=3, max_clients=7, secure_aggregation=secure)
+    with Clients(url, tmp_path / "clients", behaviours):
+        run = run_dag(config, run_conf={"round_id": "secure-1"})
+    states = task_states(run)
+    assert str(run.state) == "success", states
+    for step in ("wait_for_keys", "wait_for_shares", "wait_for_updates", "wait_for_unmask", "aggregate", "promote"):
+        assert states[step] == "success", states
+    aggregation, _ = read_document(store, LAYOUT.aggregation_report("secure-1"), AggregationReport)
+    summary = aggregation.secure_aggregation
+    assert summary.advertised == [f"c{i}" for i in range(7)]
+    assert summary.shared == ["c0", "c1", "c2", "c3", "c5", "c6"]  # c4 went silent after its keys
+    assert summary.masked == ["c0", "c1", "c2", "c3", "c6"] and summary.dropped_after_shares == ["c5"]
+    assert summary.responded == ["c0", "c1", "c2", "c3"]  # c6 sent its masked input, then went silent
+    assert [u.weight for u in aggregation.updates if u.accepted] == [pytest.approx(1 / 5)] * 5
+    report = report_of(store, "secure-1")
+    assert report.status == "promoted", report.message
+    setup, _ = read_document(store, LAYOUT.secagg_setup("secure-1"), SecAggSetup)
+    assert setup.threshold == 4 and setup.clip_norm == 5.0
+    # every update in the bucket is a masked uint32 vector: nothing there is an update in the clear
+    for client in summary.masked:
+        manifest = Client(url, client, store=store).submitted("secure-1")
+        payload = tensors_from_bytes(store.get_bytes(LAYOUT.update_payload(client, "secure-1", manifest.sha256))[0])
+        assert {v.dtype for v in payload.values()} == {np.dtype("uint32")}
+        words = np.concatenate([v.ravel() for v in payload.values()])
+        assert words.min() < 2**28 and words.max() > 2**32 - 2**28  # spread over the whole ring

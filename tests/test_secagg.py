@@ -155,7 +155,7 @@ def test_a_forged_share_is_set_aside_with_its_reason_and_the_others_are_kept():
         b._open("a", to_b[:-1] + bytes([to_b[-1] ^ 0x55]))
     assert InvalidShare.code == "invalid_share"
     b.masked_input(np.zeros(4, np.uint32), ["a", "b", "c"])  # still masks with a: the sum stays right
-    assert set(b.unmask(["a", "b", "c"])) == {"c"}  # holds no share of a's secrets to reveal
+    assert set(b.unmask(["a", "b", "c"])) == {"b", "c"}  # its own seed share and c's; none of a's secrets
 
 
 def test_a_masked_input_looks_uniform():

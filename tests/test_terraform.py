@@ -287,6 +287,48 @@ def test_clients_are_confined_to_their_prefix_and_cannot_list(tf):
             assert body.get("condition"), f"{name} grants a client access without an IAM condition"
 
 
+def _client_may(tf: dict, role_binding: str, client: str, name: str) -> bool:
+    """Evaluate a client binding's IAM condition (CEL: startsWith/endsWith/==, && and ||) on the
+    object ``name`` (relative to the federation prefix), as Cloud Storage would."""
+    expression = tf["resources"][("google_storage_bucket_iam_member", role_binding)]["condition"][0]["expression"]
+    root = "projects/_/buckets/b/objects/fed/"
+    cel = expression.replace("${local.objects_root}", root).replace("${each.key}", client)
+    if cel.startswith("${join("):  # ${join(" || ", ["a", "b", ...])} as written in HCL
+        cel = " || ".join(json.loads(cel[len('${join(" || ", ') : -len(")}")]))
+    cel = cel.replace('\\"', '"')  # HCL's escaped quotes
+    python = cel.replace("&&", " and ").replace("||", " or ").replace("resource.name", "name")
+    python = python.replace(".startsWith(", ".startswith(").replace(".endsWith(", ".endswith(")
+    return bool(eval(python, {"__builtins__": {}}, {"name": root + name}))
+
+
+def test_a_client_reads_the_secure_aggregation_setup_and_its_inbox_and_nothing_of_another_client(tf):
+    """Issue 12: the public setup and rosters and a client's own inbox are readable by it; another
+    client's keys, shares, inbox, masked input and unmask answers are not; round reports are not."""
+    readable = {
+        "rounds/r1/secagg-setup.json",
+        "rounds/r1/secagg-shared.json",
+        "rounds/r1/secagg-masked.json",
+        "rounds/r1/task.json",
+        "updates/alice/r1/secagg-inbox.json",
+        "updates/alice/r1/secagg-shares.json",
+    }
+    private = {
+        "updates/bob/r1/secagg-inbox.json",
+        "updates/bob/r1/secagg-shares.json",
+        "updates/bob/r1/secagg-keys.json",
+        "updates/bob/r1/secagg-unmask.json",
+        "updates/bob/r1/manifest.json",
+        "rounds/r1/aggregation.json",
+        "rounds/r1/closing.json",
+        "rounds/r1/report.json",
+    }
+
+    def may(name: str) -> bool:
+        return any(_client_may(tf, b, "alice", name) for b in ("client_own_updates", "client_read_round"))
+
+    assert {n for n in readable | private if may(n)} == readable
+
+
 def test_no_primitive_roles_and_no_default_service_account(tf):
     for (rtype, name), body in tf["resources"].items():
         assert body.get("role") not in PRIMITIVE_ROLES, f"{rtype}.{name} uses a primitive role"

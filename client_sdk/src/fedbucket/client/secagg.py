@@ -11,7 +11,8 @@ to its neighbours in a server-published graph):
 3. :meth:`SecAggClient.masked_input` — the quantised update plus the self mask plus, for every
    neighbour that shared keys, ± the pairwise mask, modulo 2^32;
 4. :meth:`SecAggClient.unmask` — for every neighbour that shared keys: the share of its self-mask
-   seed if it sent a masked input, else the share of its mask private key. Never both for one
+   seed if it sent a masked input, else the share of its mask private key; and, being alive, its
+   own share of its own self-mask seed. Never both for one
    neighbour: a request that would reveal both is refused.
 
 How the steps travel through the bucket is the protocol's business; this class only keeps the
@@ -89,6 +90,7 @@ class SecAggClient:
     shared_with: tuple[str, ...] = ()
     masked_with: tuple[str, ...] = ()
     rejected: dict[str, str] = field(default_factory=dict)
+    _own_seed_share: bytes = b""
     _received: dict[str, bytes] = field(default_factory=dict)
     _revealed: dict[str, tuple[str, bytes]] | None = None
     _revealed_for: set[str] = field(default_factory=set)
@@ -111,7 +113,10 @@ class SecAggClient:
             raise ConfigError(f"{self.client_id}: {len(neighbours)} neighbour(s), fewer than the threshold")
         self.setup = setup
         holders = [setup.x[v] for v in neighbours]
-        seed_shares = split_secret(self.self_seed, setup.threshold, holders)
+        # The client holds a share of its own self-mask seed too (Bonawitz et al. share among all of
+        # U1, sender included): revealed only when it survived, when the seed is due anyway.
+        seed_shares = split_secret(self.self_seed, setup.threshold, [*holders, setup.x[self.client_id]])
+        self._own_seed_share = seed_shares[setup.x[self.client_id]]
         key_shares = split_secret(self.mask.private, setup.threshold, holders)
         out = {}
         for v in neighbours:
@@ -191,6 +196,8 @@ class SecAggClient:
             plain = self._open(v, self._received[v])
             seed_share, key_share = plain[:_SHARE], plain[_SHARE:]
             out[v] = ("seed", seed_share) if v in alive else ("key", key_share)
+        if self.client_id in alive:
+            out[self.client_id] = ("seed", self._own_seed_share)
         self._revealed, self._revealed_for = out, alive
         return dict(out)
 

@@ -153,7 +153,9 @@ def plan_unmasking(
     for responder, answers in sorted(responses.items()):
         if responder not in u3:
             continue  # only survivors answer phase 4
-        relevant = {a: ks for a, ks in answers.items() if responder in setup.neighbours.get(a, ())}
+        relevant = {  # about a neighbour, or the responder's own seed share (it survived: the seed is due)
+            a: ks for a, ks in answers.items() if responder in setup.neighbours.get(a, ()) or a == responder
+        }
         if any(kind != ("seed" if about in u3 else "key") for about, (kind, _) in relevant.items()):
             continue  # a responder that answers against the roster is not used at all
         for about, (kind, share) in relevant.items():
