@@ -93,9 +93,7 @@ class RoundQuorumTrigger(BaseTrigger):
             hook = FederationHook(self.bucket, gcp_conn_id=self.gcp_conn_id)
             store = await asyncio.to_thread(lambda: hook.store)  # one client for the whole wait
             while True:
-                deadline, survey = await asyncio.to_thread(
-                    look_at_round, store, self.round_id, cache, phase=self.phase
-                )
+                deadline, survey = await asyncio.to_thread(look_at_round, store, self.round_id, cache, phase=self.phase)
                 now = utcnow()
                 reason = wait_decision(survey, now=now, deadline=deadline, settings=settings)
                 on_time, rejected = len(survey.on_time), len(survey.rejected)
