@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from fedbucket.protocol.documents import describe_validation_error
+    from fedbucket.protocol.documents import RoundTask, describe_validation_error, read_document
+    from fedbucket.protocol.layout import LAYOUT
     from fedbucket.protocol.storage import open_store
     from fedbucket.server.aggregation import run_aggregation
     from fedbucket.server.config import AggregationSettings, PrivacySettings, check_aggregation
@@ -94,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_key = None
         if privacy is not None and privacy.dp:
             check_aggregation(AggregationSettings(strategy=args.strategy, options=options), privacy)
-            noise_key = load_noise_key(secret=privacy.key_secret)
+            task, _ = read_document(open_store(args.bucket), LAYOUT.round_task(args.round_id), RoundTask)
+            if task.secure_aggregation is None:  # central DP: the server adds the noise (distributed: clients did)
+                noise_key = load_noise_key(secret=privacy.key_secret)
     except ValidationError as exc:
         log.error("--privacy: %s", describe_validation_error(exc))
         return EXIT_USAGE

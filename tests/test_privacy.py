@@ -135,7 +135,7 @@ def test_dp_fedavg_candidate_equals_hand_computation(store, tmp_path):
     }  # fmt: skip
     assert "charged_clients" not in public["mechanism"] and "accepted_count" not in manifest.lineage
     assert public["mechanism"]["noise_stddev"] == pytest.approx(mechanism.noise_stddev)
-    assert report.privacy.spent.epsilon == pytest.approx(epsilon(Counter({(1.3, None): 1}), 1e-5))
+    assert report.privacy.spent.epsilon == pytest.approx(epsilon(Counter({(1.3, None, "gaussian"): 1}), 1e-5))
 
 
 def test_noise_on_the_candidate_has_the_stated_std(tmp_path):
@@ -258,7 +258,7 @@ def test_noise_split_is_one_gaussian_mechanism():
 
 
 def test_accountant_matches_dp_accounting_called_directly():
-    history = Counter({(1.0, None): 3, (2.5, None): 4, (1.2, 0.1): 20})
+    history = Counter({(1.0, None, "gaussian"): 3, (2.5, None, "gaussian"): 4, (1.2, 0.1, "gaussian"): 20})
     direct = pld_privacy_accountant.PLDAccountant()
     direct.compose(dp_accounting.GaussianDpEvent(1.0), 3)
     direct.compose(dp_accounting.GaussianDpEvent(2.5), 4)
@@ -269,7 +269,7 @@ def test_accountant_matches_dp_accounting_called_directly():
 
 def test_budget_refuses_the_round_that_would_exceed_it(store, tmp_path):
     settings = dp_settings(clip_norm=1.0, expected_clients=2, noise_multiplier=2.0, epsilon_budget=5.0)
-    affordable = max(k for k in range(1, 20) if epsilon(Counter({(2.0, None): k}), 1e-5) <= 5.0)
+    affordable = max(k for k in range(1, 20) if epsilon(Counter({(2.0, None, "gaussian"): k}), 1e-5) <= 5.0)
     for r in range(affordable):
         assert check_budget(store, f"r{r}", settings) is not None
         submit_round(store, tmp_path, f"r{r}", {"a": delta_with_norm(r, 0.5), "b": delta_with_norm(50 + r, 0.5)})
@@ -282,8 +282,8 @@ def test_budget_refuses_the_round_that_would_exceed_it(store, tmp_path):
     capped = settings.model_copy(update={"max_participations": affordable})
     check_budget(store, "next", capped)  # with the cap, a and b would be refused instead: the round may open
     ledger, _ = read_ledger(store)
-    worst, _ = worst_case_after(client_histories(ledger), (2.0, None), cap=affordable, delta=1e-5)
-    assert worst == pytest.approx(epsilon(Counter({(2.0, None): 1}), 1e-5))  # only a new client could join
+    worst, _ = worst_case_after(client_histories(ledger), (2.0, None, "gaussian"), cap=affordable, delta=1e-5)
+    assert worst == pytest.approx(epsilon(Counter({(2.0, None, "gaussian"): 1}), 1e-5))  # only a new client could join
     with pytest.raises(ConfigError, match="keep \\[privacy\\] dp = true"):
         check_budget(store, "next", PrivacySettings(dp=False))
 

@@ -72,7 +72,7 @@ def run_protocol(n: int, drop: dict[int, float], *, degree: int | None = None, s
     """n clients through the four phases; ``drop[p]``: share of the remaining clients lost after phase p.
     Returns (unmasked ring sum, plain ring sum of the survivors' quantised values, survivors)."""
     rng = np.random.default_rng(seed)  # the test's choices of data and dropouts, not secrets
-    quantiser = Quantiser(clip=1.0, clients=n)
+    quantiser = Quantiser.for_clients(1.0, n)
     clients = {f"c{i:03d}": SecAggClient(f"c{i:03d}", ROUND) for i in range(n)}
     updates = {c: quantiser.quantise(rng.uniform(-1, 1, SIZE)) for c in clients}
 
@@ -173,7 +173,7 @@ def test_a_masked_input_looks_uniform():
 
 
 def test_quantiser_round_trip_within_one_level():
-    quantiser = Quantiser(clip=0.5, clients=100)
+    quantiser = Quantiser.for_clients(0.5, 100)
     rng = np.random.default_rng(0)
     values = [rng.uniform(-0.5, 0.5, 1000) for _ in range(100)]
     total = np.zeros(1000, np.uint32)
@@ -209,7 +209,7 @@ def test_phases_over_the_bucket_with_dropouts_and_each_client_reads_only_its_own
     from fedbucket.protocol.layout import LAYOUT
     from fedbucket.server.secagg import collect_unmasking, publish_roster, publish_setup, route_shares
 
-    quantiser = Quantiser(clip=1.0, clients=16)
+    quantiser = Quantiser.for_clients(1.0, 16)
     rng = np.random.default_rng(5)
     names = [f"h{i:02d}" for i in range(8)]
     sessions = {c: SecAggClient(c, ROUND) for c in names}
@@ -275,18 +275,18 @@ def test_the_server_ignores_a_responder_that_answers_against_the_roster():
     with pytest.raises(SecAggAbandoned, match="strict majority"):
         make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
     with pytest.raises(ValueError, match="finite"):
-        Quantiser(clip=1.0, clients=4).quantise(np.array([0.0, np.nan]))
+        Quantiser.for_clients(1.0, 4).quantise(np.array([0.0, np.nan]))
 
 
 # -- a whole secure round through the bucket and the aggregation (no Airflow) -------------------
 
 
-def _open_secure_round(store, *, max_clients=8, clip=0.5, degree=None):
+def _open_secure_round(store, *, max_clients=8, clip=0.5, degree=None, base=None, distributed_dp=None):
     from fedbucket.protocol.documents import TrainingConfig, utcnow
     from fedbucket.server.config import SecureAggregationSettings
     from fedbucket.server.rounds import open_round, publish_model, set_current_model
 
-    manifest = publish_model(store, tiny_model(), version="init", model=TINY_SPEC)
+    manifest = publish_model(store, tiny_model() if base is None else base, version="init", model=TINY_SPEC)
     set_current_model(store, manifest, expected_generation=0)
     secure = SecureAggregationSettings(enabled=True, clip_norm=clip, degree=degree, phase_seconds=3600)
     return open_round(
@@ -298,10 +298,11 @@ def _open_secure_round(store, *, max_clients=8, clip=0.5, degree=None):
         min_clients=3,
         max_clients=max_clients,
         secure_aggregation=secure,
+        distributed_dp=distributed_dp,
     )
 
 
-def _secure_round(store, tmp_path, deltas, drop_after: dict[str, str]):
+def _secure_round(store, tmp_path, deltas, drop_after: dict[str, str], *, base=None, privacy=None):
     """Run the four phases for ``deltas`` (client -> delta); a client in ``drop_after`` stops
     after that phase (``keys``, ``shares``, ``masked``). Returns the aggregation report."""
     from fedbucket.client.sdk import upload_update
@@ -312,7 +313,8 @@ def _secure_round(store, tmp_path, deltas, drop_after: dict[str, str]):
     from fedbucket.server.secagg import publish_masked_roster, publish_setup, read_setup_document, route_shares
     from fedbucket.server.strategies import build_strategy
 
-    task = _open_secure_round(store)
+    distributed = (privacy.noise_multiplier, 4) if privacy is not None else None
+    task = _open_secure_round(store, base=base, distributed_dp=distributed)
     rounds = {
         c: SecureRound(
             store, task, c, lambda path, c=c: upload_update(store, task, c, path, num_examples=10), poll_seconds=0.01
@@ -333,7 +335,7 @@ def _secure_round(store, tmp_path, deltas, drop_after: dict[str, str]):
     publish_masked_roster(store, task, closing)
     for c in [c for c in alive if drop_after.get(c) != "masked"]:
         rounds[c].unmask()
-    return task, run_aggregation(store, ROUND, build_strategy("fedavg", {}))
+    return task, run_aggregation(store, ROUND, build_strategy("fedavg", {}), privacy=privacy)
 
 
 @pytest.mark.parametrize("phase", ["keys", "shares", "masked"])
@@ -390,3 +392,76 @@ def test_a_secure_round_below_the_threshold_is_abandoned_with_its_reason(store, 
     assert report.status == "below_quorum"
     assert report.message.startswith("secure aggregation abandoned:") and "fewer than the threshold" in report.message
     assert not store.exists(LAYOUT.candidate_payload(ROUND))
+
+
+def test_discrete_gaussian_noise_has_the_exact_distribution():
+    """The client's sampler against the discrete Gaussian's probability mass (chi-square), and its
+    spread at the sizes distributed DP uses."""
+    from fedbucket.client.secagg import discrete_gaussian
+
+    draws = discrete_gaussian(200_000, 1.3)
+    ks = np.arange(-5, 6)
+    mass = np.exp(-(ks**2) / (2 * 1.3**2))
+    mass /= np.exp(-(np.arange(-60, 61) ** 2) / (2 * 1.3**2)).sum()
+    observed = np.array([np.sum(draws == k) for k in ks] + [np.sum(np.abs(draws) > 5)])
+    expected = np.append(mass, max(1e-12, 1 - mass.sum())) * draws.size
+    assert stats.chisquare(observed[:-1], expected[:-1] * observed[:-1].sum() / expected[:-1].sum()).pvalue > 1e-4
+    big = discrete_gaussian(100_000, 2.5e7)
+    assert big.dtype == np.int64 and abs(big.std() / 2.5e7 - 1) < 0.02 and abs(big.mean()) < 2.5e7 * 0.02
+
+
+def test_a_noisy_ring_sum_decodes_across_the_wrap():
+    """With distributed DP a sum can fall below 0 (it wraps to the top of the ring): decoded back."""
+    from fedbucket.protocol.secagg import ring_levels
+
+    levels = ring_levels(4, headroom_per_level=20.0, headroom=1000.0)
+    quantiser = Quantiser(1.0, levels)
+    values = np.array([-1.0, -1.0, 0.0, 1.0])
+    noise = np.array([-levels, levels // 3, 0, levels], dtype=np.int64)
+    ring = ((4 * quantiser.quantise(values).astype(np.int64) + noise) % 2**32).astype(np.uint32)
+    decoded = quantiser.dequantise_sum(ring, 4)
+    np.testing.assert_allclose(decoded, 4 * values + noise / quantiser.scale, atol=4 / quantiser.scale)
+
+
+def test_distributed_dp_charges_the_round_and_the_released_mean_carries_the_promised_noise(store, tmp_path):
+    """Distributed DP under secure aggregation: every client adds discrete Gaussian noise sized for
+    4 survivors; the ledger charges each one the zCDP of z (RDP accountant), the candidate is the mean
+    plus noise of the stated std, and the public lineage names no client."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fedbucket.protocol.documents import ModelManifest
+    from fedbucket.protocol.tensors import tensors_from_bytes
+    from fedbucket.server.config import PrivacySettings
+    from fedbucket.server.privacy import DISTRIBUTED, read_ledger
+
+    base = {"w": np.zeros((100, 200), np.float32), "steps": np.array(1, np.int64)}
+    rng = np.random.default_rng(3)
+    deltas = {f"c{i}": {"w": (rng.standard_normal((100, 200)) * 1e-3).astype(np.float32)} for i in range(6)}
+    privacy = PrivacySettings(dp=True, noise_multiplier=0.8, adaptive_clipping=False, epsilon_budget=50.0)
+    _, report = _secure_round(store, tmp_path, deltas, {"c5": "shares"}, base=base, privacy=privacy)
+    assert report.status == "aggregated", report.message
+    mechanism = report.privacy.mechanism
+    assert mechanism.kind == DISTRIBUTED and mechanism.charged_clients == 5 and mechanism.denominator == 5
+    direct = rdp_privacy_accountant.RdpAccountant()
+    direct.compose(dp_accounting.ZCDpEvent(rho=1 / (2 * 0.8**2)))
+    assert report.privacy.spent.epsilon == pytest.approx(direct.get_epsilon(1e-5))
+    assert report.privacy.spent.accountant == "dp-accounting RDP"
+    ledger, _ = read_ledger(store)
+    assert ledger.rounds[0].clients == ["c0", "c1", "c2", "c3", "c4"]
+    candidate = tensors_from_bytes(store.get_bytes(LAYOUT.candidate_payload(ROUND))[0])
+    noise = candidate["w"] - np.mean([deltas[c]["w"] for c in ("c0", "c1", "c2", "c3", "c4")], axis=0)
+    assert abs(noise.std() / mechanism.noise_stddev - 1) < 0.05  # 20,000 coordinates
+    assert abs(noise.mean()) < 4 * mechanism.noise_stddev / np.sqrt(noise.size)
+    manifest, _ = read_document(store, LAYOUT.candidate_manifest(ROUND), ModelManifest)
+    assert "accepted" not in manifest.lineage and manifest.lineage["privacy"]["mechanism"]["kind"] == DISTRIBUTED
+
+
+def test_distributed_dp_with_fewer_survivors_than_the_noise_was_sized_for_is_abandoned(store, tmp_path):
+    from fedbucket.server.config import PrivacySettings
+
+    deltas = {f"c{i}": {n: np.zeros_like(v) for n, v in tiny_model().items() if v.dtype.kind == "f"} for i in range(5)}
+    privacy = PrivacySettings(dp=True, noise_multiplier=1.0, adaptive_clipping=False)
+    _, report = _secure_round(store, tmp_path, deltas, {"c0": "shares", "c1": "shares"}, privacy=privacy)
+    assert report.status == "below_quorum" and "sized for at least 4" in report.message
+    assert report.privacy is None and not store.exists(LAYOUT.privacy_ledger)

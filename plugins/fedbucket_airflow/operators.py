@@ -93,8 +93,9 @@ class OpenRoundOperator(BaseOperator):
         store = FederationHook(run.bucket, gcp_conn_id=self.gcp_conn_id).store
         self._check_recipe(store, run)
         try:  # before the round opens: no client trains for a round that would spend past the budget
-            spent = check_budget(store, run.round_id, run.privacy)
-            if run.privacy.dp and run.aggregation.engine == "local":  # the key the aggregate step will need
+            distributed = run.secure_aggregation.enabled  # dp under secure aggregation: the clients add noise
+            spent = check_budget(store, run.round_id, run.privacy, distributed=distributed)
+            if run.privacy.dp and not distributed and run.aggregation.engine == "local":  # the aggregate step's key
                 parse_noise_key(
                     noise_key_from_connection(run.privacy.key_connection) or os.environ.get(KEY_ENVIRONMENT),
                     source=f"the Airflow connection {run.privacy.key_connection!r} (or {KEY_ENVIRONMENT})",
@@ -121,6 +122,9 @@ class OpenRoundOperator(BaseOperator):
             federated_evaluation=run.federated_evaluation,
             secure_aggregation=run.secure_aggregation,
             settle_seconds=run.round.settle_seconds,
+            distributed_dp=(run.privacy.noise_multiplier, run.aggregation_quorum)
+            if run.privacy.dp and run.secure_aggregation.enabled
+            else None,
         )
         self.log.info(
             "round %s open: base model %s, deadline %s, quorum %d, strategy %s %s, training %s",
@@ -131,10 +135,12 @@ class OpenRoundOperator(BaseOperator):
             secure = task.secure_aggregation
             self.log.info(
                 "secure aggregation: keys by %s, shares by %s, masked inputs by %s, unmasking by %s; updates "
-                "clipped to %g, equal weights, at most %d clients, %s",
+                "clipped to %g, equal weights, at most %d clients, %s%s",
                 secure.keys_deadline.isoformat(), secure.shares_deadline.isoformat(), task.deadline.isoformat(),
                 secure.unmask_deadline.isoformat(), secure.clip_norm, secure.max_clients,
                 f"{secure.degree} neighbours each (SecAgg+)" if secure.degree else "every client a neighbour",
+                f"; distributed dp: each client adds discrete Gaussian noise of std {secure.noise_stddev:.4g} ring "
+                f"units, sized for {secure.min_survivors} survivors" if secure.noise_stddev else "",
             )  # fmt: skip
         return run.model_dump(mode="json")
 

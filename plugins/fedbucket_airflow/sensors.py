@@ -23,7 +23,7 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
-from fedbucket.server import secagg
+from fedbucket.server import privacy, secagg
 from fedbucket.server.config import RunSettings, WaitSettings
 from fedbucket.server.rounds import freeze_evaluations, freeze_round, wait_decision
 from fedbucket_airflow.hooks import FederationHook
@@ -206,6 +206,9 @@ class RoundQuorumSensor(BaseSensorOperator):
         secure = secagg.secure_task(task)
         try:
             if self.phase == "keys":
+                capped = privacy.capped_clients(store, run.privacy) if run.privacy.dp else set()
+                if capped:
+                    self.log.info("distributed dp: %d client(s) at the participation cap are left out", len(capped))
                 setup = secagg.publish_setup(
                     store,
                     run.round_id,
@@ -213,6 +216,7 @@ class RoundQuorumSensor(BaseSensorOperator):
                     max_clients=secure.max_clients,
                     degree=secure.degree,
                     threshold=run.secure_aggregation.threshold,
+                    excluded=capped,
                 )
                 self.log.info(
                     "secure aggregation, phase 1 closed (%s): %d client(s) in the setup, threshold %d, %s",

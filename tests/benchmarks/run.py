@@ -108,7 +108,8 @@ def render_aggregate(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["client", "aggregate", "dp"], help="run one benchmark")
+    parser.add_argument("--only", choices=["client", "aggregate", "dp", "secagg"], help="run one benchmark")
+    parser.add_argument("--secagg-n", default="10,50,100,200", help="secure aggregation: numbers of clients")
     parser.add_argument("--dp-n", type=int, default=64, help="differential privacy: updates aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
     parser.add_argument("--n", default="2,4,8,16,32,64", help="aggregation: numbers of updates")
@@ -137,6 +138,10 @@ def main() -> None:
                 n=args.dp_n, repeats=args.repeats, data_dir=str(Path(__file__).resolve().parents[2] / "bench-data")
             )
         )
+    if args.only in (None, "secagg"):
+        from tests.benchmarks import bench_secagg
+
+        bench_secagg.run(argparse.Namespace(n=[int(x) for x in args.secagg_n.split(",")]))
     aggregate_json = DOCS / "benchmarks" / "aggregate.json"
     if aggregate_json.exists():
         sections.append(render_aggregate(json.loads(aggregate_json.read_text())))
@@ -145,6 +150,11 @@ def main() -> None:
         from tests.benchmarks.bench_dp import render as render_dp
 
         sections.append(render_dp(json.loads(dp_json.read_text())))
+    secagg_json = DOCS / "benchmarks" / "secagg.json"
+    if secagg_json.exists():
+        from tests.benchmarks.bench_secagg import render as render_secagg
+
+        sections.append(render_secagg(json.loads(secagg_json.read_text())))
     client_json = DOCS / "benchmarks" / "client.json"
     if client_json.exists():
         sections.append(render_client(json.loads(client_json.read_text())))

@@ -211,6 +211,17 @@ class SecureAggregationTask(BaseModel):
     clip_norm: float = Field(gt=0, description="each client clips its update to this L2 norm before quantising")
     max_clients: int = Field(ge=3, description="the ring holds the sum of this many quantised updates")
     degree: int | None = Field(default=None, ge=2, description="SecAgg+ neighbours per client; None = everyone")
+    levels: int = Field(
+        ge=2, description="quantisation levels: x in [-clip, clip] -> round((x + clip) / (2 clip) * levels)"
+    )
+    noise_stddev: float = Field(
+        default=0.0,
+        ge=0,
+        description="distributed DP: each client adds discrete Gaussian noise of this std (ring units)",
+    )
+    min_survivors: int = Field(
+        default=3, ge=3, description="distributed DP: the noise is sized for this many masked inputs; fewer abandon"
+    )
     keys_deadline: datetime = Field(description="phase 1: post secagg-keys.json by then")
     shares_deadline: datetime = Field(description="phase 2: post secagg-shares.json by then")
     unmask_deadline: datetime = Field(description="phase 4: post secagg-unmask.json by then")
@@ -331,6 +342,11 @@ class PrivacyMechanism(BaseModel):
     accounting and to know how noisy the candidate is."""
 
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["gaussian", "distributed_discrete_gaussian"] = Field(
+        default="gaussian",
+        description="gaussian: the server adds the noise (DP-FedAvg); distributed_discrete_gaussian: each client "
+        "adds discrete Gaussian noise under secure aggregation, sized for the fewest survivors (Kairouz et al. 2021)",
+    )
     noise_multiplier: float = Field(gt=0, description="z: the round as one Gaussian mechanism (what is charged)")
     update_noise_multiplier: float = Field(gt=0, description="z_delta: the part of z spent on the update sum")
     clipped_count_stddev: float | None = Field(

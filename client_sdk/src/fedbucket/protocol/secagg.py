@@ -178,29 +178,56 @@ def mask_words(seed: bytes, start: int, stop: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Quantiser:
-    """Maps a clipped float vector into the ring and a sum of ``clients`` such vectors back.
+    """Maps a clipped float vector into the ring and a sum of such vectors back.
 
     Each coordinate of a vector of L2 norm at most ``clip`` lies in [-clip, clip] and becomes
-    ``round((x + clip) / (2 clip) * levels)`` in [0, levels]; ``levels = floor((2^32 - 1) / clients)``
-    so that the sum of ``clients`` values never wraps modulo 2^32.
+    ``round((x + clip) / (2 clip) * levels)`` in [0, levels]. ``levels`` is chosen so that the sum
+    of the most clients a round admits (plus, with distributed DP, their noise) never wraps
+    modulo 2^32 (:func:`ring_levels`).
     """
 
     clip: float
-    clients: int
+    levels: int
+
+    @classmethod
+    def for_clients(cls, clip: float, clients: int) -> Quantiser:
+        """Without noise: ``levels = floor((2^32 - 1) / clients)``."""
+        return cls(clip, ring_levels(clients))
 
     @property
-    def levels(self) -> int:
-        return ((1 << RING_BITS) - 1) // self.clients
+    def scale(self) -> float:
+        """Ring units per unit of the update."""
+        return self.levels / (2 * self.clip)
 
     def quantise(self, values: np.ndarray) -> np.ndarray:
         if not np.isfinite(values).all():
             raise ValueError("a secure-aggregation input must be finite")
-        scaled = (np.clip(values, -self.clip, self.clip) + self.clip) / (2 * self.clip) * self.levels
+        scaled = (np.clip(values, -self.clip, self.clip) + self.clip) * self.scale
         return np.rint(scaled).astype(np.uint32)
+
+    def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The signed integer sum (int64) of ``count`` quantised-and-noised vectors whose ring sum
+        is ``total``: without noise it lies in [0, count * levels]; noise can push it a little
+        below 0 (it wrapped to the top of the ring) or above, never across the unused middle of the
+        gap (:func:`ring_levels` leaves that headroom)."""
+        value = total.astype(np.int64)
+        top = count * self.levels
+        wrapped = value > top + ((1 << RING_BITS) - top) // 2
+        value[wrapped] -= 1 << RING_BITS
+        return value
 
     def dequantise_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum of ``count`` quantised vectors whose ring sum is ``total``."""
-        return total.astype(np.float64) / self.levels * (2 * self.clip) - count * self.clip
+        return self.decode_sum(total, count).astype(np.float64) / self.scale - count * self.clip
+
+
+def ring_levels(clients: int, *, headroom_per_level: float = 0.0, headroom: float = 0.0) -> int:
+    """Quantisation levels so that ``clients`` values in [0, levels], plus noise of at most
+    ``headroom_per_level * levels + headroom`` on each side of the sum, fit in 2^32 without wrapping."""
+    levels = int(((1 << RING_BITS) - 1 - 2 * headroom) // (clients + 2 * headroom_per_level))
+    if levels < 2:
+        raise ValueError("the ring is too small for this many clients and this much noise")
+    return levels
 
 
 # -- the masked input as an update payload -----------------------------------------------------

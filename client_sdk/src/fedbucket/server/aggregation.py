@@ -67,6 +67,7 @@ from fedbucket.server.privacy import (
     charge_round,
     client_histories,
     clip_norm_for,
+    distributed_mechanism,
     public_privacy,
     read_ledger,
     round_mechanism,
@@ -450,17 +451,27 @@ def run_aggregation(
     closing = round_inputs(store, task, layout=layout)
     updates = sorted(closing.updates, key=lambda u: u.manifest.client_id)
     dp = privacy if privacy is not None and privacy.dp else None
+    distributed = task.secure_aggregation is not None and task.secure_aggregation.noise_stddev > 0
+    if distributed and dp is None:
+        raise ConfigError(f"round {round_id} was opened with distributed DP: aggregate it with its privacy settings")
+    if task.secure_aggregation is not None and dp is not None and not distributed:
+        raise ConfigError(f"round {round_id} was opened without distributed DP noise: dp cannot be added afterwards")
+    central = dp if task.secure_aggregation is None else None  # DP-FedAvg: the server adds the noise
     refused: list[UpdateVerdict] = []
-    if dp is not None:
+    if central is not None:
         if noise_key is None:
             raise ConfigError("differential privacy needs the server's noise key (FEDBUCKET_DP_KEY)")
         noise = RoundNoise.derive(noise_key, round_id)
         ledger, ledger_generation = read_ledger(store, layout=layout)  # one read: admission and charge agree
-        updates, charged, refused = _privacy_admission(updates, client_histories(ledger, excluding=round_id), dp, noise)
-        mechanism = round_mechanism(dp, min_clients=task.min_clients, clip_norm=clip_norm_for(ledger, round_id, dp))
+        updates, charged, refused = _privacy_admission(
+            updates, client_histories(ledger, excluding=round_id), central, noise
+        )
+        mechanism = round_mechanism(
+            central, min_clients=task.min_clients, clip_norm=clip_norm_for(ledger, round_id, central)
+        )
     secure = None
     if task.secure_aggregation is not None:
-        _check_secure_strategy(strategy, dp)
+        _check_secure_strategy(strategy)
         try:
             secure = read_round_state(store, task, layout=layout)
             unmask = plan_unmasking(secure.setup, secure.shared, secure.masked, secure.responses)
@@ -483,7 +494,7 @@ def run_aggregation(
                 layout, log,
             )  # fmt: skip
     log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
-    exact_norm = strategy.clip_norm is not None or dp is not None  # the norm scales the update: deterministic
+    exact_norm = strategy.clip_norm is not None or central is not None  # the norm scales the update: deterministic
     validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
     accepted = [v for v in validated if v.source is not None]
     if secure is not None and len(accepted) != len(validated):  # a masked input that fails cannot leave the sum
@@ -501,11 +512,11 @@ def run_aggregation(
                 v.source,
                 total_examples,
                 len(accepted),
-                dp=mechanism.denominator if dp else None,
+                dp=mechanism.denominator if central else None,
                 secure=secure is not None,
             ),
             scale=_dp_clip_scale(mechanism.clip_norm, v.l2_norm)
-            if dp is not None
+            if central is not None
             else 1.0
             if secure is not None
             else strategy.client_scale(v.l2_norm),
@@ -559,7 +570,8 @@ def run_aggregation(
         state_tensors=state_tensors,
     )
     if secure is not None:
-        quantiser = Quantiser(secure.setup_document.clip_norm, secure.setup_document.max_clients)
+        secure_settings = task.secure_aggregation
+        quantiser = Quantiser(secure_settings.clip_norm, secure_settings.levels)
         plan = dataclasses.replace(plan, secure=SecureSum(unmask, element_offsets(task.tensors), quantiser))
         log(
             f"secure aggregation: {len(sources)} masked input(s) summed modulo 2^32; {len(unmask.corrections)} "
@@ -567,16 +579,43 @@ def run_aggregation(
             f"threshold {secure.setup.threshold}, updates clipped to {quantiser.clip:g}"
         )
     round_privacy = None
-    if dp is not None:
+    if distributed:  # the clients added the noise; it is charged before anything is released
+        assert dp is not None and secure is not None and task.secure_aggregation is not None
+        if len(sources) < task.secure_aggregation.min_survivors:
+            return _abandoned(
+                store, task, strategy, quorum, closing, secure,
+                f"{len(sources)} masked input(s): the distributed noise was sized for at least "
+                f"{task.secure_aggregation.min_survivors}, so their sum would be less private than charged",
+                started, layout, log, verdicts=verdicts,
+            )  # fmt: skip
+        ledger, ledger_generation = read_ledger(store, layout=layout)
+        mechanism = distributed_mechanism(
+            dp,
+            clip_norm=task.secure_aggregation.clip_norm,
+            levels=task.secure_aggregation.levels,
+            client_stddev=task.secure_aggregation.noise_stddev,
+            survivors=len(sources),
+        )
+        round_privacy = charge_round(
+            store, round_id, mechanism, [s.client_id for s in sources], dp, ledger=ledger,
+            generation=ledger_generation, layout=layout,
+        )  # fmt: skip
+        report.privacy = round_privacy
+        log(
+            f"distributed dp: {len(sources)} clients' discrete Gaussian noise (std {mechanism.noise_stddev:.4g} per "
+            f"averaged coordinate, z={mechanism.noise_multiplier:g}); epsilon {round_privacy.spent.epsilon:.3f} at "
+            f"delta {round_privacy.spent.delta:g} after this round"
+        )
+    if central is not None:
         unclipped = sum(1 for v in accepted if v.l2_norm <= mechanism.clip_norm)
         next_clip, share = adapt_clip_norm(
             mechanism, unclipped=unclipped, participants=len(sources), noise=noise.count_noise()
         )
         mechanism = mechanism.model_copy(update={"next_clip_norm": next_clip, "unclipped_fraction": share})
-        if dp.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
+        if central.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
             charged = [s.client_id for s in sources]
         round_privacy = charge_round(  # before any release
-            store, round_id, mechanism, charged, dp, ledger=ledger, generation=ledger_generation, layout=layout
+            store, round_id, mechanism, charged, central, ledger=ledger, generation=ledger_generation, layout=layout
         )
         plan = dataclasses.replace(plan, noise=noise, noise_stddev=mechanism.noise_stddev)
         report.privacy = round_privacy
@@ -605,7 +644,9 @@ def run_aggregation(
             model=task.model,
             base_version=task.base_model_version,
             round_id=round_id,
-            lineage=_lineage(strategy, sources, verdicts, public_privacy(round_privacy, dp) if dp else None),
+            lineage=_lineage(
+                strategy, sources, verdicts, public_privacy(round_privacy, dp) if round_privacy is not None else None
+            ),
         )
         store.upload_file(layout.candidate_payload(round_id), candidate)
         write_document(store, layout.candidate_manifest(round_id), manifest)
@@ -639,12 +680,12 @@ def _weight(source: UpdateSource, total_examples: int, count: int, *, dp: int | 
     return source.examples / total_examples
 
 
-def _check_secure_strategy(strategy: Strategy, dp: PrivacySettings | None) -> None:
+def _check_secure_strategy(strategy: Strategy) -> None:
     """Refuse what secure aggregation cannot do (the config refuses it first; the task is the truth)."""
-    if strategy.needs_all_deltas or strategy.clip_norm is not None or dp is not None:
+    if strategy.needs_all_deltas or strategy.clip_norm is not None:
         raise ConfigError(
-            f"strategy {strategy.describe()}{' with dp' if dp else ''} cannot run under secure aggregation: the "
-            "server sees only the sum of the updates (use fedavg or a server optimiser, without clip_norm or dp)"
+            f"strategy {strategy.describe()} cannot run under secure aggregation: the server sees only the sum "
+            "of the updates (use fedavg or a server optimiser, without clip_norm)"
         )
 
 

@@ -398,10 +398,16 @@ def check_aggregation(
                 "with secure aggregation the server cannot see an update's norm: clients clip to "
                 "[secure_aggregation] clip_norm themselves; remove the strategy's clip_norm option"
             )
-        if privacy.dp:
+        if privacy.dp and privacy.adaptive_clipping:
             raise ConfigError(
-                "central dp needs each update's norm, which secure aggregation hides; distributed DP under secure "
-                "aggregation is not available yet (docs/privacy.md): turn one of them off"
+                "dp with secure aggregation is distributed DP: clients clip to [secure_aggregation] clip_norm and "
+                "add the noise, and the server never sees the norms adaptive clipping needs; set [privacy] "
+                "adaptive_clipping = false"
+            )
+        if privacy.dp and privacy.sampling_rate is not None:
+            raise ConfigError(
+                "server-side sampling cannot amplify under secure aggregation: who is in the sum is public (the "
+                "rosters); remove [privacy] sampling_rate"
             )
     if not privacy.dp:
         return

@@ -58,6 +58,7 @@ from fedbucket.protocol.documents import (
 )
 from fedbucket.protocol.errors import ConfigError, PrivacyBudgetExceeded
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
+from fedbucket.protocol.secagg import ring_levels
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import PrivacySettings
 
@@ -67,9 +68,18 @@ KEY_BYTES = 32
 #: Normals drawn per AES-CTR call: bounds a shard's scratch memory (16 bytes of keystream each).
 _NOISE_CHUNK = 1 << 20
 ACCOUNTANT = "dp-accounting PLD"
+#: Histories with a distributed round: dp-accounting's RDP accountant composes zCDP and Gaussians.
+RDP_ACCOUNTANT = "dp-accounting RDP"
+DISTRIBUTED = "distributed_discrete_gaussian"
+#: Distributed DP keeps each client's noise at least this std (ring units): the sum-of-discrete-
+#: Gaussians term tau * d of Kairouz et al. (Prop. 14) is then below 1e-300, 0 in double precision.
+MIN_CLIENT_NOISE_STDDEV = 10.0
+#: The ring holds the noisy sum within this many standard deviations of the summed noise.
+NOISE_TAIL_STDDEVS = 10.0
 
-#: One charged round as the accountant sees it: (noise multiplier z, sampling rate q or None).
-Event = tuple[float, float | None]
+#: One charged round as the accountant sees it: (noise multiplier z, sampling rate q or None,
+#: mechanism kind: "gaussian" or "distributed_discrete_gaussian").
+Event = tuple[float, float | None, str]
 
 
 # -- the secret --------------------------------------------------------------------------------
@@ -229,6 +239,68 @@ def adapt_clip_norm(
     return mechanism.clip_norm * math.exp(step), share
 
 
+# -- distributed DP under secure aggregation ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """How a secure round with distributed DP quantises and how much noise each client adds.
+
+    A client clips its update to L2 norm ``C``, quantises it with ``levels`` (``s = levels / 2C``
+    ring units per unit) and adds discrete Gaussian noise of std ``client_stddev`` to every
+    coordinate. Replacing one client's update by zero moves the quantised sum by at most
+    ``sensitivity = s C + sqrt(d)`` in L2 (``d`` coordinates, each rounded). The sum of at least
+    ``min_survivors`` such noises, ``client_stddev = z * sensitivity / sqrt(min_survivors)``, is
+    ``rho``-zCDP with ``rho = sensitivity^2 / (2 min_survivors client_stddev^2) = 1 / (2 z^2)``
+    (Kairouz, Liu, Steinke 2021, "The Distributed Discrete Gaussian Mechanism for Federated Learning
+    with Secure Aggregation", Prop. 14; its additive ``tau * d`` is 0 in double precision once
+    ``client_stddev >= 10``, which is enforced). ``levels`` leaves room in the ring for the noisy sum
+    of ``max_clients`` within ``NOISE_TAIL_STDDEVS`` standard deviations on either side.
+    """
+
+    levels: int
+    client_stddev: float
+    sensitivity: float
+    min_survivors: int
+
+
+def distributed_noise(
+    *, noise_multiplier: float, clip_norm: float, dimension: int, max_clients: int, min_survivors: int
+) -> DistributedNoise:
+    """Size the quantisation and each client's noise (see :class:`DistributedNoise`)."""
+    if not 3 <= min_survivors <= max_clients:
+        raise ConfigError(f"min_survivors {min_survivors} must be between 3 and max_clients {max_clients}")
+    spread = NOISE_TAIL_STDDEVS * noise_multiplier * math.sqrt(max_clients / min_survivors)
+    root_d = math.sqrt(dimension)
+    levels = ring_levels(max_clients, headroom_per_level=spread / 2, headroom=spread * root_d)
+    sensitivity = levels / 2 + root_d
+    client_stddev = noise_multiplier * sensitivity / math.sqrt(min_survivors)
+    if client_stddev < MIN_CLIENT_NOISE_STDDEV:
+        raise ConfigError(
+            f"each client's noise would be {client_stddev:.3g} ring units, below {MIN_CLIENT_NOISE_STDDEV}"
+        )
+    return DistributedNoise(levels, client_stddev, sensitivity, min_survivors)
+
+
+def distributed_mechanism(
+    settings: PrivacySettings, *, clip_norm: float, levels: int, client_stddev: float, survivors: int
+) -> PrivacyMechanism:
+    """The mechanism of a distributed round as it ran: ``survivors`` noisy inputs summed, divided by
+    their number (public under secure aggregation: the roster)."""
+    summed_stddev = math.sqrt(survivors) * client_stddev  # ring units
+    scale = levels / (2 * clip_norm)
+    return PrivacyMechanism(
+        kind=DISTRIBUTED,
+        noise_multiplier=settings.noise_multiplier,
+        update_noise_multiplier=settings.noise_multiplier,
+        clip_norm=clip_norm,
+        denominator=survivors,
+        noise_stddev=summed_stddev / scale / survivors,
+        next_clip_norm=clip_norm,
+        charged_clients=0,
+    )
+
+
 # -- the accountant ----------------------------------------------------------------------------
 
 
@@ -238,10 +310,18 @@ def _epsilon(history: tuple[tuple[Event, int], ...], delta: float) -> float:
         return 0.0
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
 
-    accountant = pld_privacy_accountant.PLDAccountant()
-    for (z, q), count in history:
-        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(z)
+    distributed = any(kind == DISTRIBUTED for (_, _, kind), _ in history)
+    accountant: dp_accounting.PrivacyAccountant = (
+        rdp_privacy_accountant.RdpAccountant() if distributed else pld_privacy_accountant.PLDAccountant()
+    )
+    for (z, q, kind), count in history:
+        # a distributed round is rho-zCDP with rho = 1 / (2 z^2) (Kairouz et al. 2021, Prop. 14; its
+        # xi = tau * d term is 0 in double precision at the noise sizes allowed, see distributed_noise)
+        event: dp_accounting.DpEvent = (
+            dp_accounting.ZCDpEvent(rho=1 / (2 * z * z)) if kind == DISTRIBUTED else dp_accounting.GaussianDpEvent(z)
+        )
         if q is not None:
             event = dp_accounting.PoissonSampledDpEvent(q, event)
         accountant.compose(event, count)
@@ -249,9 +329,24 @@ def _epsilon(history: tuple[tuple[Event, int], ...], delta: float) -> float:
 
 
 def epsilon(history: Mapping[Event, int], delta: float) -> float:
-    """The epsilon at ``delta`` of the rounds in ``history`` ((z, q) -> rounds), composed by
-    dp-accounting's PLD accountant. Histories repeat across clients, so results are cached."""
+    """The epsilon at ``delta`` of the rounds in ``history`` ((z, q, kind) -> rounds), composed by
+    dp-accounting's PLD accountant (its RDP accountant once a distributed round is in the history).
+    Histories repeat across clients, so results are cached."""
     return _epsilon(tuple(sorted((k, v) for k, v in history.items() if v)), delta)
+
+
+def accountant_for(histories: Iterable[Mapping[Event, int]]) -> str:
+    return RDP_ACCOUNTANT if any(kind == DISTRIBUTED for h in histories for (_, _, kind) in h) else ACCOUNTANT
+
+
+def event_of(mechanism: PrivacyMechanism) -> Event:
+    return (mechanism.noise_multiplier, mechanism.sampling_rate, mechanism.kind)
+
+
+def planned_event(settings: PrivacySettings, *, distributed: bool) -> Event:
+    """The event a round with ``settings`` will be charged (before it runs)."""
+    return (settings.noise_multiplier, None if distributed else settings.sampling_rate,
+            DISTRIBUTED if distributed else "gaussian")  # fmt: skip
 
 
 def client_histories(ledger: PrivacyLedger, *, excluding: str | None = None) -> dict[str, Counter[Event]]:
@@ -260,8 +355,7 @@ def client_histories(ledger: PrivacyLedger, *, excluding: str | None = None) -> 
     for entry in ledger.rounds:
         if entry.round_id == excluding:
             continue
-        mechanism = entry.privacy.mechanism
-        event = (mechanism.noise_multiplier, mechanism.sampling_rate)
+        event = event_of(entry.privacy.mechanism)
         for client in entry.clients:
             histories.setdefault(client, Counter())[event] += 1
     return histories
@@ -299,7 +393,7 @@ def spent(ledger: PrivacyLedger, settings: PrivacySettings) -> PrivacySpent:
     return PrivacySpent(
         epsilon=worst,
         delta=settings.delta,
-        accountant=ACCOUNTANT,
+        accountant=accountant_for(histories.values()),
         budget=settings.epsilon_budget,
         rounds=len(ledger.rounds),
         most_rounds_per_client=max((sum(h.values()) for h in histories.values()), default=0),
@@ -331,6 +425,12 @@ def read_ledger(store: ObjectStore, *, layout: BucketLayout = LAYOUT) -> tuple[P
     return (ledger or PrivacyLedger()), generation
 
 
+def capped_clients(store: ObjectStore, settings: PrivacySettings, *, layout: BucketLayout = LAYOUT) -> set[str]:
+    """Clients already charged for ``max_participations`` rounds: their updates must stay out."""
+    ledger, _ = read_ledger(store, layout=layout)
+    return {c for c, h in client_histories(ledger).items() if sum(h.values()) >= settings.max_participations}
+
+
 def clip_norm_for(ledger: PrivacyLedger, round_id: str, settings: PrivacySettings) -> float:
     """The clip norm a round uses: the one it was charged with (a re-run), else the last charged
     round's ``next_clip_norm``, else the configured initial one. With a fixed clip (no
@@ -348,6 +448,7 @@ def check_budget(
     round_id: str,
     settings: PrivacySettings,
     *,
+    distributed: bool = False,
     layout: BucketLayout = LAYOUT,
 ) -> PrivacySpent | None:
     """The publish step's guard. Raises :class:`PrivacyBudgetExceeded` if some client could end
@@ -366,7 +467,7 @@ def check_budget(
     so_far = spent(ledger, settings)
     if any(entry.round_id == round_id for entry in ledger.rounds):
         return so_far
-    event: Event = (settings.noise_multiplier, settings.sampling_rate)
+    event = planned_event(settings, distributed=distributed)
     worst, who = worst_case_after(
         client_histories(ledger), event, cap=settings.max_participations, delta=settings.delta
     )
@@ -455,7 +556,7 @@ def public_privacy(privacy: RoundPrivacy, settings: PrivacySettings) -> dict[str
         "guarantee": {
             "epsilon_at_most": settings.epsilon_budget,
             "delta": settings.delta,
-            "accountant": ACCOUNTANT,
+            "accountant": RDP_ACCOUNTANT if privacy.mechanism.kind == DISTRIBUTED else ACCOUNTANT,
             "max_participations": settings.max_participations,
         },
     }

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from fedbucket.protocol.documents import (
+    FLOAT_DTYPES,
     MAX_EVALUATION_CLOSING_BYTES,
     ClosedEvaluation,
     ClosedUpdate,
@@ -51,6 +52,7 @@ from fedbucket.protocol.errors import (
     UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
+from fedbucket.protocol.secagg import ring_levels
 from fedbucket.protocol.storage import ObjectInfo, ObjectStore
 from fedbucket.protocol.tensors import NUMPY_DTYPES, read_header_file, save_tensors
 from fedbucket.protocol.validation import (
@@ -63,6 +65,7 @@ from fedbucket.protocol.validation import (
     rejection_verdict,
 )
 from fedbucket.server.config import EvaluationSettings, SecureAggregationSettings, WaitSettings
+from fedbucket.server.privacy import distributed_noise
 
 #: Default hard limit on an update's size: the model's own size plus header slack, times 1.
 UPDATE_SIZE_SLACK_BYTES = 1024 * 1024
@@ -169,6 +172,7 @@ def open_round(
     federated_evaluation: bool = False,
     secure_aggregation: SecureAggregationSettings | None = None,
     settle_seconds: float = 0.0,
+    distributed_dp: tuple[float, int] | None = None,
     layout: BucketLayout = LAYOUT,
 ) -> RoundTask:
     """Write ``rounds/<round>/task.json`` based on the current model and point ``rounds/current.json``
@@ -178,6 +182,9 @@ def open_round(
     With ``secure_aggregation`` enabled, ``deadline_seconds`` is phase 1's (train, then post keys)
     and each later phase gets ``phase_seconds``; the task's ``deadline`` is phase 3's (masked
     inputs), and the unmasking deadline also leaves ``settle_seconds`` for the close of phase 3.
+    ``distributed_dp`` = (noise multiplier z, fewest survivors): each client adds discrete Gaussian
+    noise sized so that the sum of that many inputs is one Gaussian mechanism of multiplier z
+    (:func:`~fedbucket.server.privacy.distributed_noise`).
     """
     task, _ = read_optional(store, layout.round_task(round_id), RoundTask)
     if task is None:
@@ -192,12 +199,26 @@ def open_round(
             if max_clients is None:
                 raise ConfigError("secure aggregation needs max_clients (the ring holds the sum of that many updates)")
             phase = timedelta(seconds=secure_aggregation.phase_seconds)
+            ring = max(3, max_clients)
+            noise = None
+            if distributed_dp is not None:
+                dimension = sum(t.numel for t in base.tensors.values() if t.dtype in FLOAT_DTYPES)
+                noise = distributed_noise(
+                    noise_multiplier=distributed_dp[0],
+                    clip_norm=secure_aggregation.clip_norm,
+                    dimension=dimension,
+                    max_clients=ring,
+                    min_survivors=max(3, distributed_dp[1]),
+                )
             keys_deadline = deadline
             deadline = keys_deadline + 2 * phase
             secure = SecureAggregationTask(
                 clip_norm=secure_aggregation.clip_norm,
-                max_clients=max(3, max_clients),
+                max_clients=ring,
                 degree=secure_aggregation.degree,
+                levels=noise.levels if noise is not None else ring_levels(ring),
+                noise_stddev=noise.client_stddev if noise is not None else 0.0,
+                min_survivors=noise.min_survivors if noise is not None else 3,
                 keys_deadline=keys_deadline,
                 shares_deadline=keys_deadline + phase,
                 unmask_deadline=deadline + timedelta(seconds=settle_seconds) + phase,

@@ -14,7 +14,7 @@ is abandoned with a reason (:class:`SecAggAbandoned`): nothing is released.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -225,11 +225,15 @@ def publish_setup(
     max_clients: int,
     degree: int | None = None,
     threshold: int | None = None,
+    excluded: Set[str] = frozenset(),
     layout: BucketLayout = LAYOUT,
 ) -> Setup:
-    """After phase 1: every client that posted well-formed keys is a member; write the setup."""
+    """After phase 1: every client that posted well-formed keys is a member (up to ``max_clients``,
+    none of ``excluded``: e.g. clients at the DP participation cap); write the setup."""
     advertised = {}
     for client, doc in sorted(_client_documents(store, round_id, "keys", SecAggKeys, layout).items()):
+        if client in excluded:
+            continue
         try:
             cipher, mask = unb64(doc.cipher_public, "key"), unb64(doc.mask_public, "key")
         except InvalidShare:
