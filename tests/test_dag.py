@@ -501,10 +501,11 @@ def test_a_private_round_is_charged_and_the_next_one_past_the_budget_is_refused(
         check_budget(store, "dp-2", FederationConfig.load(config).privacy)  # what the publish step logged
 
 
-@pytest.mark.parametrize("store_url", ["file", "gcs"], indirect=True)
-def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(federation, tmp_path):
+@pytest.mark.parametrize(("store_url", "distributed_dp"), [("file", False), ("gcs", True)], indirect=["store_url"])
+def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(federation, tmp_path, distributed_dp):
     """Secure aggregation through the real DAG and Spark: four client phases as four waits, one
-    client silent after each phase, and the server's bucket never holds an update in the clear."""
+    client silent after each phase, and the server's bucket never holds an update in the clear.
+    On gs:// the clients also add the DP noise (distributed DP), and the ledger charges it."""
     from fedbucket.protocol.documents import AggregationReport, SecAggSetup
     from fedbucket.protocol.tensors import tensors_from_bytes
 
@@ -514,7 +515,11 @@ def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(fe
     }  # fmt: skip
     # Generous deadlines: every phase ends when everyone expected answered, or 10 s after its quorum.
     secure = {"enabled": True, "clip_norm": 5.0, "phase_seconds": 600, "grace_seconds": 10}
-    config = write_config(tmp_path, url, deadline_seconds=600, min_clients=3, max_clients=7, secure_aggregation=secure)
+    privacy = {"dp": True, "noise_multiplier": 0.5, "adaptive_clipping": False, "epsilon_budget": 100.0}
+    config = write_config(
+        tmp_path, url, deadline_seconds=600, min_clients=3, max_clients=7, secure_aggregation=secure,
+        privacy=privacy if distributed_dp else {},
+    )  # fmt: skip
     with Clients(url, tmp_path / "clients", behaviours):
         run = run_dag(config, run_conf={"round_id": "secure-1"})
     states = task_states(run)
@@ -530,6 +535,11 @@ def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(fe
     assert [u.weight for u in aggregation.updates if u.accepted] == [pytest.approx(1 / 5)] * 5
     report = report_of(store, "secure-1")
     assert report.status == "promoted", report.message
+    if distributed_dp:  # the five clients in the sum each added their share of the noise; all five charged
+        assert report.privacy.mechanism.kind == "distributed_discrete_gaussian"
+        assert report.privacy.mechanism.charged_clients == 5 and report.privacy.spent.epsilon > 0
+    else:
+        assert report.privacy is None
     setup, _ = read_document(store, LAYOUT.secagg_setup("secure-1"), SecAggSetup)
     assert setup.threshold == 4 and setup.clip_norm == 5.0
     # every update in the bucket is a masked uint32 vector: nothing there is an update in the clear

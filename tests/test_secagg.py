@@ -465,3 +465,12 @@ def test_distributed_dp_with_fewer_survivors_than_the_noise_was_sized_for_is_aba
     _, report = _secure_round(store, tmp_path, deltas, {"c0": "shares", "c1": "shares"}, privacy=privacy)
     assert report.status == "below_quorum" and "sized for at least 4" in report.message
     assert report.privacy is None and not store.exists(LAYOUT.privacy_ledger)
+
+
+def test_the_default_graph_is_full_for_small_rounds_and_logarithmic_beyond():
+    from fedbucket.server.secagg import default_degree
+
+    assert default_degree(7) is None and default_degree(32) is None
+    assert default_degree(33) == 12 and default_degree(200) == 16 and default_degree(1000) == 20
+    setup = make_setup(ROUND, {f"c{i:02d}": SecAggClient(f"c{i:02d}", ROUND).advertise() for i in range(40)})
+    assert {len(v) for v in setup.neighbours.values()} == {12} and setup.threshold == 7

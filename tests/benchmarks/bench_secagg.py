@@ -51,6 +51,7 @@ CLIP = 1.0
 
 
 def degree_for(n: int) -> int | None:
+    """SecAgg+'s degree at every n here (the default keeps everyone as a neighbour up to 32)."""
     k = 2 * math.ceil(math.log2(n))
     k += k % 2
     return None if k >= n - 1 else k

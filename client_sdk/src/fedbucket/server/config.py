@@ -220,7 +220,9 @@ class SecureAggregationSettings(_Section):
     enabled: bool = Field(default=False, description="run every round with secure aggregation")
     clip_norm: float = Field(default=1.0, gt=0, description="each client clips its update to this L2 norm")
     degree: int | None = Field(
-        default=None, ge=2, description="SecAgg+: neighbours per client (even, ~ 2 log2 n); None = every client"
+        default=None,
+        ge=2,
+        description="SecAgg+: neighbours per client (even); None = every client up to 32, else 2 ceil(log2 n)",
     )
     threshold: int | None = Field(
         default=None, ge=2, description="shares that reconstruct a secret (default: a strict majority of neighbours)"

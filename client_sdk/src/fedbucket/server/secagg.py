@@ -13,6 +13,7 @@ is abandoned with a reason (:class:`SecAggAbandoned`): nothing is released.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -96,13 +97,27 @@ def neighbour_graph(clients: Sequence[str], degree: int | None) -> dict[str, tup
     return {c: tuple(sorted(vs)) for c, vs in sorted(neighbours.items())}
 
 
+#: Up to this many members every client is every other's neighbour (the original SecAgg).
+FULL_GRAPH_UP_TO = 32
+
+
+def default_degree(members: int) -> int | None:
+    """SecAgg+'s neighbourhood size when none is configured: everyone for small rounds, else
+    ``2 * ceil(log2 n)`` rounded up to even (Bell et al. 2020: logarithmic in n)."""
+    if members <= FULL_GRAPH_UP_TO:
+        return None
+    k = 2 * math.ceil(math.log2(members))
+    return k + k % 2
+
+
 def make_setup(
     round_id: str, advertised: Mapping[str, Advertised], *, degree: int | None = None, threshold: int | None = None
 ) -> Setup:
-    """The setup the server publishes after phase 1. ``threshold`` defaults to a strict majority of
-    each neighbourhood (``floor(k / 2) + 1``; fewer colluders than that learn nothing)."""
+    """The setup the server publishes after phase 1 (``degree`` None: :func:`default_degree`).
+    ``threshold`` defaults to a strict majority of each neighbourhood (``floor(k / 2) + 1``; fewer
+    colluders than that learn nothing)."""
     clients = sorted(advertised)
-    neighbours = neighbour_graph(clients, degree)
+    neighbours = neighbour_graph(clients, degree if degree is not None else default_degree(len(clients)))
     smallest = min(len(v) for v in neighbours.values())
     threshold = threshold or smallest // 2 + 1
     if not max(2, smallest // 2 + 1) <= threshold <= smallest:

@@ -42,7 +42,7 @@ from fedbucket.protocol.documents import (
     UpdateManifest,
     utcnow,
 )
-from fedbucket.protocol.errors import ConfigError, WaitTimeout
+from fedbucket.protocol.errors import ConfigError, RoundNotOpen, WaitTimeout
 from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.tensors import NUMPY_DTYPES, tensors_to_bytes
 from fedbucket.sim.datasets import Partition, partition
@@ -267,6 +267,14 @@ def run_client(config: SimulationConfig, client_id: str, role: Role, indices: np
                     load_global_weights(model, client.fetch_model(task))
                     metrics = task_package.fit(model, train, task.training, seed=int(rng.integers(2**31)))
                     result.num_examples, result.loss, result.accuracy = len(train), metrics["loss"], metrics["accuracy"]
+                    if task.secure_aggregation is not None:  # late for phase 1: the SDK refuses, the round goes on
+                        time.sleep(max(0.0, (task.secure_aggregation.keys_deadline - utcnow()).total_seconds()) + 1.0)
+                        try:
+                            client.submit(task, model.state_dict(), num_examples=len(train))
+                        except RoundNotOpen as exc:
+                            result.outcome, result.detail = "late", str(exc)
+                            results.put(result)
+                            continue
                     time.sleep(max(0.0, (task.deadline - utcnow()).total_seconds()) + 1.0)
                     base = client.fetch_model(task, as_numpy=True)
                     with tempfile.TemporaryDirectory() as tmp:
