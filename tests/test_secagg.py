@@ -28,7 +28,9 @@ from fedbucket.protocol.secagg import (
     seal,
     split_secret,
 )
+from fedbucket.server.aggregation import run_aggregation
 from fedbucket.server.secagg import SecAggAbandoned, make_setup, neighbour_graph, plan_unmasking, unmask_range
+from fedbucket.server.strategies import build_strategy
 
 ROUND = "r1"
 SIZE = 1003  # not a multiple of the 4 words per AES block
@@ -462,9 +464,12 @@ def test_distributed_dp_with_fewer_survivors_than_the_noise_was_sized_for_is_aba
 
     deltas = {f"c{i}": {n: np.zeros_like(v) for n, v in tiny_model().items() if v.dtype.kind == "f"} for i in range(5)}
     privacy = PrivacySettings(dp=True, noise_multiplier=1.0, adaptive_clipping=False)
-    _, report = _secure_round(store, tmp_path, deltas, {"c0": "shares", "c1": "shares"}, privacy=privacy)
-    assert report.status == "below_quorum" and "sized for at least 4" in report.message
+    with pytest.raises(ConfigError, match=r"3 survivor.*minimum of 4; refusing to unmask"):  # the clients refuse
+        _secure_round(store, tmp_path, deltas, {"c0": "shares", "c1": "shares"}, privacy=privacy)
+    report = run_aggregation(store, ROUND, build_strategy("fedavg", {}), privacy=privacy)  # the server gets nothing
+    assert report.status == "below_quorum" and report.message.startswith("secure aggregation abandoned")
     assert report.privacy is None and not store.exists(LAYOUT.privacy_ledger)
+    assert not store.exists(LAYOUT.candidate_payload(ROUND))
 
 
 def test_the_default_graph_is_full_for_small_rounds_and_logarithmic_beyond():
@@ -474,3 +479,68 @@ def test_the_default_graph_is_full_for_small_rounds_and_logarithmic_beyond():
     assert default_degree(33) == 12 and default_degree(200) == 16 and default_degree(1000) == 20
     setup = make_setup(ROUND, {f"c{i:02d}": SecAggClient(f"c{i:02d}", ROUND).advertise() for i in range(40)})
     assert {len(v) for v in setup.neighbours.values()} == {12} and setup.threshold == 7
+
+
+def test_an_odd_neighbourhood_needs_more_than_half_of_the_holders_so_two_views_never_rebuild_both_secrets():
+    """Review finding: with 4 clients (3 neighbours each) a threshold of 2 let a server that told b, c
+    'a dropped' and a, d 'a survived' rebuild a's seed (a's own share + d's) and key (b's + c's).
+    The threshold is now a strict majority of the 4 holders: 3; clients refuse anything less."""
+    from fedbucket.protocol.secagg import Setup, minimum_threshold
+
+    clients = {c: SecAggClient(c, ROUND) for c in "abcd"}
+    setup = make_setup(ROUND, {c: x.advertise() for c, x in clients.items()})
+    assert setup.threshold == minimum_threshold(3) == 3
+    weak = Setup(setup.round_id, setup.keys, setup.x, setup.neighbours, threshold=2)
+    with pytest.raises(ConfigError, match="unsafe"):
+        clients["a"].share_keys(weak)
+    with pytest.raises(SecAggAbandoned, match="strict majority"):
+        make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
+
+
+def test_secure_aggregation_settings_refuse_impossible_graphs_at_load():
+    from pydantic import ValidationError
+
+    from fedbucket.server.config import SecureAggregationSettings
+
+    with pytest.raises(ValidationError, match="even"):
+        SecureAggregationSettings(enabled=True, degree=5)
+    with pytest.raises(ValidationError, match="strict majority"):
+        SecureAggregationSettings(enabled=True, degree=6, threshold=3)
+    SecureAggregationSettings(enabled=True, degree=6, threshold=4)
+
+
+def test_rosters_and_the_setup_are_written_once(store):
+    """A re-run (or a zombie attempt) of a phase step gets the document written first: clients mask
+    by it, so it never changes."""
+    from fedbucket.server.secagg import publish_roster, publish_setup
+
+    task = _open_secure_round(store)
+    for c in ("a", "b", "c", "d"):
+        from fedbucket.client.secagg import post_keys
+
+        post_keys(store, SecAggClient(c, ROUND))
+    first = publish_setup(store, ROUND, clip_norm=0.5, max_clients=8, degree=None)
+    again = publish_setup(store, ROUND, clip_norm=0.5, max_clients=8, degree=None)
+    assert again.neighbours == first.neighbours and again.x == first.x
+    assert publish_roster(store, task.round_id, "shared", ["a", "b", "c"]) == ["a", "b", "c"]
+    assert publish_roster(store, task.round_id, "shared", ["a", "b"]) == ["a", "b", "c"]
+
+
+def test_a_phase_waits_while_answers_keep_coming_and_until_the_unmasking_can_finish():
+    from datetime import timedelta
+
+    from fedbucket.protocol.documents import utcnow
+    from fedbucket.server.config import WaitSettings
+    from fedbucket.server.rounds import wait_decision
+    from fedbucket.server.secagg import Arrival, PhaseSurvey
+
+    now = utcnow()
+    settings = WaitSettings(min_clients=2, max_clients=5, grace_seconds=5, grace_after="last")
+    survey = PhaseSurvey(on_time=[Arrival("a", now - timedelta(seconds=20)), Arrival("b", now - timedelta(seconds=1))])
+    deadline = now + timedelta(hours=1)
+    assert wait_decision(survey, now=now, deadline=deadline, settings=settings) is None  # b arrived 1 s ago
+    assert wait_decision(survey, now=now + timedelta(seconds=6), deadline=deadline, settings=settings) == "quorum"
+    survey.ready = False  # e.g. a survivor's seed still lacks shares
+    assert wait_decision(survey, now=now + timedelta(seconds=6), deadline=deadline, settings=settings) is None
+    later = deadline + timedelta(seconds=10)
+    assert wait_decision(survey, now=later, deadline=deadline, settings=settings) == "deadline"

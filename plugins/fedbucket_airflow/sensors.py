@@ -191,11 +191,15 @@ class RoundQuorumSensor(BaseSensorOperator):
                 f"fewer than {run.round.quorum_at_deadline}"
             )
         if task.secure_aggregation is not None:
-            masked = secagg.publish_masked_roster(store, task, closing)
+            secure = task.secure_aggregation
+            minimum = max(secagg.setup_threshold(store, run.round_id), 3, run.aggregation_quorum)
+            if secure.noise_stddev > 0:
+                minimum = max(minimum, secure.min_survivors)
+            try:
+                masked = secagg.publish_masked_roster(store, task, closing, minimum=minimum)
+            except secagg.SecAggAbandoned as exc:
+                self._abandon(run, task, f"phase 3: {exc}")
             self.log.info("secure aggregation: %d masked input(s) in the sum: %s", len(masked), ", ".join(masked))
-            threshold = secagg.setup_threshold(store, run.round_id)
-            if len(masked) < threshold:
-                self._abandon(run, task, f"{len(masked)} masked input(s), fewer than the threshold of {threshold}")
         return {"reason": closing.reason, "updates": len(closing.updates), "rejected": len(closing.late)}
 
     def _finish_secure_phase(self, run: RunSettings, reason: str) -> dict[str, Any]:
@@ -206,6 +210,8 @@ class RoundQuorumSensor(BaseSensorOperator):
         secure = secagg.secure_task(task)
         try:
             if self.phase == "keys":
+                if reason == "below_quorum":
+                    raise secagg.SecAggAbandoned("too few clients posted keys by the deadline")
                 capped = privacy.capped_clients(store, run.privacy) if run.privacy.dp else set()
                 if capped:
                     self.log.info("distributed dp: %d client(s) at the participation cap are left out", len(capped))

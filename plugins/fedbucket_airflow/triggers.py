@@ -15,7 +15,7 @@ from fedbucket.protocol.layout import LAYOUT
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.server.config import EvaluationSettings, RoundSettings, WaitSettings
 from fedbucket.server.rounds import Survey, survey_evaluations, survey_round, wait_decision
-from fedbucket.server.secagg import expected_clients, phase_deadline, survey_phase
+from fedbucket.server.secagg import expected_clients, phase_deadline, read_roster_document, survey_phase
 from fedbucket_airflow.hooks import FederationHook
 
 #: What a wait waits for: updates, evaluations, or a secure-aggregation phase (keys, shares, unmask).
@@ -40,7 +40,11 @@ def look_at_round(
         return evaluation_task.deadline, survey_evaluations(store, evaluation_task, cache=cache)
     task, _ = read_document(store, LAYOUT.round_task(round_id), RoundTask)
     if phase == "updates":
-        return task.deadline, survey_round(store, task, cache=cache)
+        survey = survey_round(store, task, cache=cache)
+        if task.secure_aggregation is not None:  # only masked inputs that can be unmasked count
+            shared = set(read_roster_document(store, round_id, "shared"))
+            survey.on_time = [u for u in survey.on_time if u.manifest.client_id in shared]
+        return task.deadline, survey
     expected = expected_clients(store, task, phase)
     return phase_deadline(task, phase), survey_phase(store, task, phase, expected)
 

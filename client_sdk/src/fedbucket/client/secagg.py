@@ -52,6 +52,7 @@ from fedbucket.protocol.documents import (
 from fedbucket.protocol.errors import ConfigError, RoundNotOpen, WaitTimeout
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
+    MIN_SURVIVORS,
     SEED_BYTES,
     Advertised,
     InvalidShare,
@@ -64,6 +65,7 @@ from fedbucket.protocol.secagg import (
     mask_words,
     masked_sum_inplace,
     message_context,
+    minimum_threshold,
     open_sealed,
     pair_context,
     pairwise_sign,
@@ -77,6 +79,7 @@ from fedbucket.protocol.storage import ObjectStore
 from fedbucket.protocol.tensors import save_tensors
 
 _SHARE = 66  # bytes of one field element
+_NOISE_CHUNK = 1 << 20  # proposals per draw: bounds the sampler's memory (~100 MB) whatever the model
 
 
 @dataclass
@@ -111,8 +114,11 @@ class SecAggClient:
         if mine != self.advertise():
             raise ConfigError(f"{self.client_id}: the setup carries keys this client did not advertise")
         neighbours = setup.neighbours[self.client_id]
-        if len(neighbours) < setup.threshold:
-            raise ConfigError(f"{self.client_id}: {len(neighbours)} neighbour(s), fewer than the threshold")
+        if not minimum_threshold(len(neighbours)) <= setup.threshold <= len(neighbours):
+            raise ConfigError(
+                f"{self.client_id}: threshold {setup.threshold} with {len(neighbours)} neighbour(s) is unsafe or "
+                f"impossible (it must be at least {minimum_threshold(len(neighbours))}); refusing to share"
+            )
         self.setup = setup
         holders = [setup.x[v] for v in neighbours]
         # The client holds a share of its own self-mask seed too (Bonawitz et al. share among all of
@@ -163,7 +169,7 @@ class SecAggClient:
                 f"{self.client_id}: the server says {sorted(shared_neighbours)} shared keys, but this client "
                 f"received shares from {sorted(delivered)}"
             )
-        if len(shared_neighbours) < setup.threshold:
+        if len(shared_neighbours) + 1 < setup.threshold:  # its seed's holders: those neighbours and itself
             raise ConfigError(f"{self.client_id}: only {len(shared_neighbours)} neighbour(s) left, below the threshold")
         out = np.array(values, dtype=np.uint32, copy=True)
         masked_sum_inplace(out, mask_words(self.self_seed, 0, out.size), +1)
@@ -179,18 +185,25 @@ class SecAggClient:
             self.mask.private, setup.keys[other].mask_public, "mask", pair_context(self.round_id, self.client_id, other)
         )
 
-    def unmask(self, survivors: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+    def unmask(self, survivors: Sequence[str], *, minimum_survivors: int = 0) -> dict[str, tuple[str, bytes]]:
         """Phase 4: for each neighbour that shared keys, ``("seed", share)`` if it is among the
         ``survivors`` (sent a masked input), else ``("key", share)``. Answered once: a second request
-        with other survivors is refused (it would reveal both secrets of some neighbour)."""
+        with other survivors is refused (it would reveal both secrets of some neighbour). Fewer
+        survivors than ``minimum_survivors`` (distributed DP: the noise was sized for that many) or
+        than 3 are refused: their sum would reveal too much."""
         setup = self._setup()
         alive = set(survivors)
         if self._revealed is not None:
             if self._revealed_for != alive:
                 raise ConfigError(f"{self.client_id}: unmasking was already answered for other survivors; refusing")
             return dict(self._revealed)
-        if len(alive & set(self.shared_with)) + (self.client_id in alive) < setup.threshold:
-            raise ConfigError(f"{self.client_id}: fewer survivors than the threshold; refusing to unmask")
+        if len(alive & set(self.shared_with)) + (self.client_id in alive) < setup.threshold or len(alive) < max(
+            MIN_SURVIVORS, minimum_survivors
+        ):
+            raise ConfigError(
+                f"{self.client_id}: {len(alive)} survivor(s), fewer than the threshold or the minimum of "
+                f"{max(MIN_SURVIVORS, minimum_survivors)}; refusing to unmask"
+            )
         out = {}
         for v in self.shared_with:
             if v not in self._received:
@@ -276,10 +289,15 @@ def read_roster(store: ObjectStore, round_id: str, phase: str, *, layout: Bucket
 
 
 def post_unmask(
-    store: ObjectStore, session: SecAggClient, survivors: Sequence[str], *, layout: BucketLayout = LAYOUT
+    store: ObjectStore,
+    session: SecAggClient,
+    survivors: Sequence[str],
+    *,
+    minimum_survivors: int = 0,
+    layout: BucketLayout = LAYOUT,
 ) -> None:
     """Phase 4: the shares the survivors entitle the server to (never both of one neighbour's)."""
-    answers = session.unmask(survivors)
+    answers = session.unmask(survivors, minimum_survivors=minimum_survivors)
     doc = SecAggUnmask(
         client_id=session.client_id,
         round_id=session.round_id,
@@ -308,7 +326,7 @@ def discrete_gaussian(size: int, stddev: float) -> np.ndarray:
     out = np.empty(size, dtype=np.int64)
     filled, block = 0, 0
     while filled < size:
-        want = max(1024, 2 * (size - filled))  # about half of the proposals are accepted
+        want = min(_NOISE_CHUNK, max(1024, 2 * (size - filled)))  # about half of the proposals are accepted
         words = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor().update(bytes(24 * want))
         block += (24 * want + 15) // 16
         u = ((np.frombuffer(words, dtype="<u8") >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
@@ -387,7 +405,10 @@ class SecureRound:
         )
         setup = setup_from_document(doc)
         if self.client_id not in setup.neighbours:
-            raise RoundNotOpen(f"round {self.task.round_id}: phase 1 closed before this client's keys arrived")
+            raise RoundNotOpen(
+                f"round {self.task.round_id}: this client is not in the setup (phase 1 closed before its keys "
+                "arrived, the round was full, or the federation's privacy participation cap was reached)"
+            )
         self.setup_doc = doc
         post_shares(self.store, self.session, setup, layout=self.layout)
         self.log(f"secure aggregation: shares posted for {len(setup.neighbours[self.client_id])} neighbour(s)")
@@ -435,7 +456,8 @@ class SecureRound:
             raise InvalidShare("the masked roster is for another round or phase")
         if self.client_id not in doc.clients:
             raise RoundNotOpen(f"round {self.task.round_id}: this client's masked input is not in the sum")
-        post_unmask(self.store, self.session, doc.clients, layout=self.layout)
+        minimum = self.settings.min_survivors if self.settings.noise_stddev > 0 else 0
+        post_unmask(self.store, self.session, doc.clients, minimum_survivors=minimum, layout=self.layout)
         self.log(f"secure aggregation: unmasking answered ({len(doc.clients)} survivor(s))")
 
 

@@ -222,6 +222,9 @@ class SecureAggregationTask(BaseModel):
     min_survivors: int = Field(
         default=3, ge=3, description="distributed DP: the noise is sized for this many masked inputs; fewer abandon"
     )
+    noise_multiplier: float | None = Field(
+        default=None, gt=0, description="distributed DP: z of the summed noise (what the round is charged)"
+    )
     keys_deadline: datetime = Field(description="phase 1: post secagg-keys.json by then")
     shares_deadline: datetime = Field(description="phase 2: post secagg-shares.json by then")
     unmask_deadline: datetime = Field(description="phase 4: post secagg-unmask.json by then")

@@ -298,6 +298,18 @@ class Setup:
     threshold: int
 
 
+#: Fewer inputs than this are never unmasked: the sum of two reveals each to the other's owner.
+MIN_SURVIVORS = 3
+
+
+def minimum_threshold(degree: int) -> int:
+    """The smallest safe threshold for neighbourhoods of ``degree`` clients. A client's self-mask
+    seed has ``degree + 1`` share holders (its neighbours and itself), its mask key ``degree``; a
+    server that told some holders the client survived and others that it dropped could rebuild both
+    secrets if ``2 t <= degree + 1``. So ``t = floor((degree + 1) / 2) + 1``."""
+    return (degree + 1) // 2 + 1
+
+
 def pair_context(round_id: str, a: str, b: str) -> bytes:
     low, high = sorted((a, b))
     return message_context(round_id, low, high)

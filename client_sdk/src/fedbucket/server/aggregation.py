@@ -477,16 +477,8 @@ def run_aggregation(
             unmask = plan_unmasking(secure.setup, secure.shared, secure.masked, secure.responses)
         except SecAggAbandoned as exc:
             return _abandoned(store, task, strategy, quorum, closing, secure, str(exc), started, layout, log)
-        in_sum = set(secure.masked)
-        refused = [
-            rejection_verdict(
-                u.manifest.client_id,
-                NotInSecureSum("its phase-2 shares were not delivered: its masks could not be removed"),
-                u.committed_at,
-            )
-            for u in updates
-            if u.manifest.client_id not in in_sum
-        ]
+        in_sum, shared = set(secure.masked), set(secure.shared)
+        refused = [_outside_the_sum(store, task, u, shared) for u in updates if u.manifest.client_id not in in_sum]
         updates = [u for u in updates if u.manifest.client_id in in_sum]
         if len(updates) != len(in_sum):  # the roster was written from this very closing
             return _abandoned(
@@ -590,7 +582,7 @@ def run_aggregation(
             )  # fmt: skip
         ledger, ledger_generation = read_ledger(store, layout=layout)
         mechanism = distributed_mechanism(
-            dp,
+            task.secure_aggregation.noise_multiplier or dp.noise_multiplier,  # what the clients' noise was sized for
             clip_norm=task.secure_aggregation.clip_norm,
             levels=task.secure_aggregation.levels,
             client_stddev=task.secure_aggregation.noise_stddev,
@@ -668,6 +660,19 @@ def run_aggregation(
     write_document(store, layout.aggregation_report(round_id), report)
     log(report.message)
     return report
+
+
+def _outside_the_sum(store: ObjectStore, task: RoundTask, closed: ClosedUpdate, shared: set[str]) -> UpdateVerdict:
+    """The verdict of an update left out of a secure sum: its masked input failed its checks at the
+    close (the same checks again give the code), or its shares never reached the others."""
+    if closed.manifest.client_id in shared:
+        verdict = _validate_closed(store.url, task, True, closed).verdict
+        if not verdict.accepted:
+            return verdict
+        error = NotInSecureSum("it is not in the masked roster written when the round closed")
+    else:
+        error = NotInSecureSum("its phase-2 shares were not delivered: its masks could not be removed")
+    return rejection_verdict(closed.manifest.client_id, error, closed.committed_at)
 
 
 def _weight(source: UpdateSource, total_examples: int, count: int, *, dp: int | None, secure: bool) -> float:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedbucket.protocol.documents import Identifier, ModelSpec, TrainingConfig, describe_validation_error
 from fedbucket.protocol.errors import ConfigError
+from fedbucket.protocol.secagg import minimum_threshold
 
 
 class _Section(BaseModel):
@@ -39,6 +40,11 @@ class WaitSettings(_Section):
     min_clients: int = Field(default=2, ge=1, description="quorum: stop waiting (after the grace period) once reached")
     max_clients: int | None = Field(default=None, ge=1, description="stop waiting at once when this many arrived")
     grace_seconds: float = Field(default=0.0, ge=0, description="after the quorum, wait this long for more")
+    grace_after: Literal["quorum", "last"] = Field(
+        default="quorum",
+        description="count the grace from the arrival that made the quorum, or from the latest arrival "
+        "(the wait goes on while answers keep coming: secure aggregation's later phases)",
+    )
     min_clients_at_deadline: int | None = Field(
         default=None, ge=1, description="at the deadline, go on if this many arrived (default: min_clients)"
     )
@@ -230,6 +236,18 @@ class SecureAggregationSettings(_Section):
     phase_seconds: float = Field(default=120.0, gt=0, description="deadline of each phase after the first")
     grace_seconds: float = Field(default=2.0, ge=0, description="after a phase's quorum, wait this long for more")
 
+    @model_validator(mode="after")
+    def _graph_possible(self) -> SecureAggregationSettings:
+        if self.degree is not None and self.degree % 2:
+            raise ValueError(f"degree must be even (a circulant graph has an even degree), got {self.degree}")
+        if self.degree is not None and self.threshold is not None:
+            if not minimum_threshold(self.degree) <= self.threshold <= self.degree:
+                raise ValueError(
+                    f"threshold {self.threshold} with degree {self.degree}: it must be between "
+                    f"{minimum_threshold(self.degree)} (a strict majority of a client's share holders) and the degree"
+                )
+        return self
+
 
 class FederationConfig(_Section):
     bucket: str = Field(min_length=1, description="federation root URL: gs://bucket/prefix or file:///dir")
@@ -263,8 +281,11 @@ class FederationConfig(_Section):
                 "dp on Dataproc needs [privacy] key_secret: the Secret Manager version of the noise key "
                 "(terraform output dp_key_secret); the job cannot get it any other way without exposing it"
             )
-        if self.secure_aggregation.enabled and self.round.min_clients < 3:
-            raise ValueError("secure aggregation needs [round] min_clients of at least 3 (a sum of two reveals both)")
+        if self.secure_aggregation.enabled and self.round.quorum_at_deadline < 3:
+            raise ValueError(
+                "secure aggregation needs [round] min_clients and min_clients_at_deadline of at least 3 (a sum of "
+                "two reveals each to the other's owner)"
+            )
         if self.secure_aggregation.enabled and self.round.max_clients is None:
             raise ValueError(
                 "secure aggregation needs [round] max_clients: the quantisation ring is sized so that the sum of "

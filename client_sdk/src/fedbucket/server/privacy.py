@@ -283,16 +283,17 @@ def distributed_noise(
 
 
 def distributed_mechanism(
-    settings: PrivacySettings, *, clip_norm: float, levels: int, client_stddev: float, survivors: int
+    noise_multiplier: float, *, clip_norm: float, levels: int, client_stddev: float, survivors: int
 ) -> PrivacyMechanism:
     """The mechanism of a distributed round as it ran: ``survivors`` noisy inputs summed, divided by
-    their number (public under secure aggregation: the roster)."""
+    their number (public under secure aggregation: the roster). ``noise_multiplier`` is the one the
+    round's task sized the clients' noise for, whatever the settings say now."""
     summed_stddev = math.sqrt(survivors) * client_stddev  # ring units
     scale = levels / (2 * clip_norm)
     return PrivacyMechanism(
         kind=DISTRIBUTED,
-        noise_multiplier=settings.noise_multiplier,
-        update_noise_multiplier=settings.noise_multiplier,
+        noise_multiplier=noise_multiplier,
+        update_noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,
         denominator=survivors,
         noise_stddev=summed_stddev / scale / survivors,

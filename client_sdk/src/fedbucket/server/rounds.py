@@ -219,6 +219,7 @@ def open_round(
                 levels=noise.levels if noise is not None else ring_levels(ring),
                 noise_stddev=noise.client_stddev if noise is not None else 0.0,
                 min_survivors=noise.min_survivors if noise is not None else 3,
+                noise_multiplier=distributed_dp[0] if distributed_dp is not None else None,
                 keys_deadline=keys_deadline,
                 shares_deadline=keys_deadline + phase,
                 unmask_deadline=deadline + timedelta(seconds=settle_seconds) + phase,
@@ -298,6 +299,9 @@ class Survey(Generic[ClosedT]):
     on_time: list[ClosedT] = field(default_factory=list)
     rejected: list[UpdateVerdict] = field(default_factory=list)
     ignored: int = 0
+    #: False while what arrived, although a quorum, cannot finish the step yet (secure
+    #: aggregation's unmasking: some survivor's seed still lacks the threshold of shares).
+    ready: bool = True
 
     def quorum_reached_at(self, quorum: int) -> datetime | None:
         """When the ``quorum``-th on-time item was committed (store clock), if it was."""
@@ -382,12 +386,16 @@ def wait_decision(survey: Survey, *, now: datetime, deadline: datetime, settings
     the store's commit times, so every look at the bucket agrees). ``deadline``: the deadline plus
     ``settle_seconds`` (so updates still in flight are seen and recorded as late) passed with at
     least ``min_clients_at_deadline``. ``below_quorum``: it passed with fewer (the round is abandoned).
+    With ``grace_after = "last"`` the grace runs from the latest arrival instead, and a survey that
+    is not ``ready`` never ends the wait by quorum.
     """
     on_time = len(survey.on_time)
     if settings.max_clients is not None and on_time >= settings.max_clients:
         return "max_clients"
     reached = survey.quorum_reached_at(settings.min_clients)
-    if reached is not None and now - reached >= timedelta(seconds=settings.grace_seconds):
+    if reached is not None and settings.grace_after == "last":
+        reached = max(u.committed_at for u in survey.on_time)
+    if reached is not None and survey.ready and now - reached >= timedelta(seconds=settings.grace_seconds):
         return "quorum"
     if now >= deadline + timedelta(seconds=settings.settle_seconds):
         return "deadline" if on_time >= settings.quorum_at_deadline else "below_quorum"

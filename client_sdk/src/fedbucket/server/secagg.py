@@ -45,11 +45,15 @@ from fedbucket.protocol.errors import (
     FedbucketError,
     LateUpdate,
     ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
     SchemaError,
     StorageError,
+    UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import (
+    MIN_SURVIVORS,
     SEED_BYTES,
     Advertised,
     InvalidShare,
@@ -58,14 +62,16 @@ from fedbucket.protocol.secagg import (
     combine_shares,
     mask_words,
     masked_sum_inplace,
+    minimum_threshold,
     pair_context,
     pairwise_sign,
+    public_bytes,
     setup_document,
     setup_from_document,
     unb64,
 )
 from fedbucket.protocol.storage import ObjectStore
-from fedbucket.protocol.validation import list_secagg_documents, rejection_verdict
+from fedbucket.protocol.validation import list_secagg_documents, rejection_verdict, validate_closed
 from fedbucket.server.config import RoundSettings, SecureAggregationSettings, WaitSettings
 from fedbucket.server.rounds import Survey, freeze_round
 
@@ -114,16 +120,19 @@ def make_setup(
     round_id: str, advertised: Mapping[str, Advertised], *, degree: int | None = None, threshold: int | None = None
 ) -> Setup:
     """The setup the server publishes after phase 1 (``degree`` None: :func:`default_degree`).
-    ``threshold`` defaults to a strict majority of each neighbourhood (``floor(k / 2) + 1``; fewer
-    colluders than that learn nothing)."""
+    ``threshold`` defaults to, and must be at least, a strict majority of a client's share holders
+    (its ``k`` neighbours and itself: :func:`~fedbucket.protocol.secagg.minimum_threshold`), so that
+    no two conflicting views of who survived yield both of one client's secrets."""
     clients = sorted(advertised)
     neighbours = neighbour_graph(clients, degree if degree is not None else default_degree(len(clients)))
     smallest = min(len(v) for v in neighbours.values())
-    threshold = threshold or smallest // 2 + 1
-    if not max(2, smallest // 2 + 1) <= threshold <= smallest:
+    largest = max(len(v) for v in neighbours.values())
+    threshold = threshold or minimum_threshold(largest)
+    if not max(2, minimum_threshold(largest)) <= threshold <= smallest:
         raise SecAggAbandoned(
-            f"threshold {threshold} is impossible with neighbourhoods of {smallest} client(s): it must be a strict "
-            "majority (at most half could otherwise combine two conflicting views of who survived)"
+            f"threshold {threshold} is impossible with neighbourhoods of {smallest} to {largest} client(s): it must "
+            f"be a strict majority of a client's {largest + 1} share holders (at least {minimum_threshold(largest)}) "
+            "and at most its neighbours"
         )
     return Setup(
         round_id=round_id,
@@ -161,8 +170,11 @@ def plan_unmasking(
     u2, u3 = set(shared), set(survivors)
     if not u3 <= u2:
         raise SecAggAbandoned("a masked input came from a client that never shared keys")
-    if len(u3) < setup.threshold:
-        raise SecAggAbandoned(f"{len(u3)} masked input(s), fewer than the threshold of {setup.threshold}")
+    if len(u3) < max(setup.threshold, MIN_SURVIVORS):
+        raise SecAggAbandoned(
+            f"{len(u3)} masked input(s), fewer than the threshold of {setup.threshold} or the minimum of "
+            f"{MIN_SURVIVORS}"
+        )
     seed_shares: dict[str, dict[int, bytes]] = {}
     key_shares: dict[str, dict[int, bytes]] = {}
     for responder, answers in sorted(responses.items()):
@@ -188,6 +200,8 @@ def plan_unmasking(
         if len(shares) < setup.threshold:
             raise SecAggAbandoned(f"{len(shares)} share(s) of dropped {v}'s mask key, fewer than the threshold")
         private = _combine(shares, setup.threshold, f"dropped {v}'s mask key")
+        if public_bytes(private) != setup.keys[v].mask_public:  # a share was corrupted: never a wrong mask
+            raise SecAggAbandoned(f"the shares of dropped {v}'s mask key do not rebuild the key it advertised")
         for u in setup.neighbours[v]:
             if u in u3:
                 seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
@@ -218,15 +232,17 @@ def unmask_range(masked_sum: np.ndarray, plan: UnmaskPlan, start: int) -> np.nda
 def _client_documents(
     store: ObjectStore, round_id: str, step: str, cls: type[DocumentT], layout: BucketLayout
 ) -> dict[str, DocumentT]:
-    """``{client: document}`` of every well-formed ``step`` document whose ids match its path;
-    the others are skipped (a client that cannot write a valid message has dropped)."""
+    """``{client: document}`` of every well-formed ``step`` document whose ids match its path, in
+    the order they were committed; the others are skipped (a client that cannot write a valid
+    message has dropped)."""
     out: dict[str, DocumentT] = {}
-    for info in list_secagg_documents(store, round_id, step, layout=layout).manifests:
+    listed = list_secagg_documents(store, round_id, step, layout=layout).manifests
+    for info in sorted(listed, key=lambda i: (i.updated, i.name)):
         client, _ = layout.parse_secagg_client(info.name, step)
         try:
             doc, _ = read_document(store, info.name, cls)
-        except (SchemaError, StorageError):
-            continue
+        except (SchemaError, ObjectTooLarge, ObjectNotFound):
+            continue  # malformed, oversized or deleted: that client dropped (an unavailable store raises)
         if getattr(doc, "client_id", None) == client and getattr(doc, "round_id", None) == round_id:
             out[client] = doc
     return out
@@ -243,10 +259,14 @@ def publish_setup(
     excluded: Set[str] = frozenset(),
     layout: BucketLayout = LAYOUT,
 ) -> Setup:
-    """After phase 1: every client that posted well-formed keys is a member (up to ``max_clients``,
-    none of ``excluded``: e.g. clients at the DP participation cap); write the setup."""
+    """After phase 1: every client that posted well-formed keys is a member (the first
+    ``max_clients`` to arrive, none of ``excluded``: e.g. clients at the DP participation cap);
+    write the setup once (a re-run returns the setup written first: the graph is not redrawn)."""
+    existing, _ = read_optional(store, layout.secagg_setup(round_id), SecAggSetup)
+    if existing is not None:
+        return setup_from_document(existing)
     advertised = {}
-    for client, doc in sorted(_client_documents(store, round_id, "keys", SecAggKeys, layout).items()):
+    for client, doc in _client_documents(store, round_id, "keys", SecAggKeys, layout).items():
         if client in excluded:
             continue
         try:
@@ -259,13 +279,21 @@ def publish_setup(
         raise SecAggAbandoned(f"{len(advertised)} client(s) advertised keys; secure aggregation needs at least 3")
     setup = make_setup(round_id, advertised, degree=degree, threshold=threshold)
     document = setup_document(setup, clip_norm=clip_norm, max_clients=max_clients)
-    write_document(store, layout.secagg_setup(round_id), document)
+    try:
+        write_document(store, layout.secagg_setup(round_id), document, if_generation_match=0)
+    except PreconditionFailed:  # another attempt of this step won: everyone uses its setup
+        written, _ = read_document(store, layout.secagg_setup(round_id), SecAggSetup)
+        return setup_from_document(written)
     return setup
 
 
 def route_shares(store: ObjectStore, setup: Setup, *, layout: BucketLayout = LAYOUT) -> list[str]:
     """After phase 2: copy each sealed share into its receiver's inbox and publish who shared
-    (the ``shared`` roster). A sender's shares count only if it addressed every neighbour."""
+    (the ``shared`` roster). A sender's shares count only if it addressed every neighbour. Once
+    the roster exists a re-run changes nothing and returns it."""
+    existing, _ = read_optional(store, layout.secagg_roster(setup.round_id, "shared"), SecAggRoster)
+    if existing is not None:
+        return list(existing.clients)
     inboxes: dict[str, dict[str, str]] = {c: {} for c in setup.keys}
     shared = []
     for sender, doc in sorted(_client_documents(store, setup.round_id, "shares", SecAggShares, layout).items()):
@@ -277,15 +305,20 @@ def route_shares(store: ObjectStore, setup: Setup, *, layout: BucketLayout = LAY
         inbox = {s: m for s, m in inboxes[receiver].items() if s in shared}
         doc = SecAggInbox(client_id=receiver, round_id=setup.round_id, sealed=inbox)
         write_document(store, layout.secagg_client(receiver, setup.round_id, "inbox"), doc)
-    publish_roster(store, setup.round_id, "shared", shared, layout=layout)
-    return shared
+    return publish_roster(store, setup.round_id, "shared", shared, layout=layout)
 
 
 def publish_roster(
     store: ObjectStore, round_id: str, phase: str, clients: Sequence[str], *, layout: BucketLayout = LAYOUT
-) -> None:
+) -> list[str]:
+    """Write a roster once (create-only) and return the clients it lists: a second writer gets the
+    first one's list. Clients mask and unmask by what it says, so it must never change."""
     doc = SecAggRoster(round_id=round_id, phase=phase, clients=sorted(clients))
-    write_document(store, layout.secagg_roster(round_id, phase), doc)
+    try:
+        write_document(store, layout.secagg_roster(round_id, phase), doc, if_generation_match=0)
+    except PreconditionFailed:
+        doc, _ = read_document(store, layout.secagg_roster(round_id, phase), SecAggRoster)
+    return list(doc.clients)
 
 
 def collect_unmasking(
@@ -379,7 +412,24 @@ def survey_phase(
             )
         else:
             survey.on_time.append(Arrival(client, info.updated))
+    if phase == "unmask" and expected is not None:
+        survey.ready = _unmasking_possible(store, task, expected, layout=layout)
     return survey
+
+
+def _unmasking_possible(store: ObjectStore, task: RoundTask, survivors: Sequence[str], *, layout: BucketLayout) -> bool:
+    """Whether the answers so far rebuild every secret the sum needs (read only once the threshold
+    of answers is there: a poll before that reads nothing)."""
+    setup = read_setup_document(store, task.round_id, layout=layout)
+    responses = collect_unmasking(store, task.round_id, layout=layout)
+    if len(set(responses) & set(survivors)) < setup.threshold:
+        return False
+    try:
+        shared = read_roster_document(store, task.round_id, "shared", layout=layout)
+        plan_unmasking(setup, shared, survivors, responses)
+    except SecAggAbandoned:
+        return False
+    return True
 
 
 def phase_wait_settings(
@@ -392,8 +442,10 @@ def phase_wait_settings(
     threshold: int | None = None,
 ) -> WaitSettings:
     """When a phase's wait ends (:func:`~fedbucket.server.rounds.wait_decision`): the keys phase
-    like a round's update wait; a later phase at once when everyone expected answered, ``grace``
-    after the quorum (the threshold; the round's quorum for masked inputs), or at its deadline."""
+    like a round's update wait; a later phase at once when everyone expected answered, once the
+    quorum (the threshold; the round's quorum for masked inputs) is there and nothing arrived for
+    ``grace`` seconds (the unmasking also only once every survivor's seed can be rebuilt), or at its
+    deadline."""
     if phase == "keys":
         return WaitSettings(
             min_clients=max(3, round_settings.min_clients),
@@ -410,7 +462,8 @@ def phase_wait_settings(
     return WaitSettings(
         min_clients=quorum,
         max_clients=everyone,
-        grace_seconds=secure.grace_seconds,
+        grace_seconds=max(secure.grace_seconds, round_settings.grace_seconds if phase == "masked" else 0.0),
+        grace_after="last",  # a phase goes on while answers keep coming; one quiet grace period ends it
         min_clients_at_deadline=min(at_deadline, quorum),
         settle_seconds=round_settings.settle_seconds,
         poll_seconds=round_settings.poll_seconds,
@@ -428,18 +481,31 @@ def read_setup_document(store: ObjectStore, round_id: str, *, layout: BucketLayo
 
 
 def publish_masked_roster(
-    store: ObjectStore, task: RoundTask, closing: RoundClosing, *, layout: BucketLayout = LAYOUT
-) -> list[str]:
-    """After phase 3 (the round's close): the clients whose masked input is frozen for the sum —
-    those whose shares were delivered (an update from anyone else cannot be unmasked). Written once;
-    a re-run finds it."""
+    store: ObjectStore, task: RoundTask, closing: RoundClosing, *, minimum: int = MIN_SURVIVORS,
+    layout: BucketLayout = LAYOUT,
+) -> list[str]:  # fmt: skip
+    """After phase 3 (the round's close): the clients whose masked input goes into the sum —
+    those whose shares were delivered (nobody else's masks can be removed) and whose masked input
+    passes every check now (sha256, size, format): once survivors reveal a client's seed share its
+    input can no longer leave the sum, so a bad one must be found before. Written once; a re-run
+    returns it. Fewer than ``minimum`` (the threshold, 3, or the survivors distributed DP noise
+    was sized for): :class:`SecAggAbandoned`, and nothing is written."""
     existing, _ = read_optional(store, layout.secagg_roster(task.round_id, "masked"), SecAggRoster)
     if existing is not None:
         return list(existing.clients)
     shared = set(read_roster_document(store, task.round_id, "shared", layout=layout))
-    masked = sorted(u.manifest.client_id for u in closing.updates if u.manifest.client_id in shared)
-    publish_roster(store, task.round_id, "masked", masked, layout=layout)
-    return masked
+    masked = []
+    for closed in sorted(closing.updates, key=lambda u: u.manifest.client_id):
+        if closed.manifest.client_id not in shared:
+            continue
+        try:
+            validate_closed(store, task, closed, layout=layout)
+        except (UpdateRejected, StorageError):
+            continue  # the aggregation report gives its code; here it is one more dropout
+        masked.append(closed.manifest.client_id)
+    if len(masked) < minimum:
+        raise SecAggAbandoned(f"{len(masked)} valid masked input(s), fewer than the {minimum} this round needs")
+    return publish_roster(store, task.round_id, "masked", masked, layout=layout)
 
 
 def abandon_round(
