@@ -544,3 +544,30 @@ def test_a_phase_waits_while_answers_keep_coming_and_until_the_unmasking_can_fin
     assert wait_decision(survey, now=now + timedelta(seconds=6), deadline=deadline, settings=settings) is None
     later = deadline + timedelta(seconds=10)
     assert wait_decision(survey, now=later, deadline=deadline, settings=settings) == "deadline"
+
+
+def _five_answered():
+    clients = {c: SecAggClient(c, ROUND) for c in ("a", "b", "c", "d", "e", "f")}
+    setup = make_setup(ROUND, {c: x.advertise() for c, x in clients.items()})  # k = 5, t = 4
+    outboxes = {c: x.share_keys(setup) for c, x in clients.items()}
+    for c, x in clients.items():
+        x.receive({s: outboxes[s][c] for s in clients if s != c})
+    values = {c: np.full(8, i + 1, np.uint32) for i, c in enumerate(clients)}
+    masked = {c: x.masked_input(values[c], list(clients)) for c, x in clients.items()}
+    survivors = list(clients)
+    return setup, survivors, masked, {c: x.unmask(survivors) for c, x in clients.items()}
+
+
+def test_one_corrupted_share_is_left_out_when_there_are_spares_and_abandons_when_there_are_none():
+    """A seed share shifted by a crafted offset (Shamir is linear: it would shift the seed) is found
+    by the seed digest its owner advertised: with spare shares the others rebuild the seed; with
+    exactly the threshold the round is abandoned — never a silently wrong sum."""
+    setup, survivors, masked, responses = _five_answered()
+    kind, share = responses["e"]["a"]
+    responses["e"] = {**responses["e"], "a": (kind, ((int.from_bytes(share, "big") + 7) % PRIME).to_bytes(66, "big"))}
+    plan = plan_unmasking(setup, survivors, survivors, responses)  # 6 holders of a's seed, t = 4: e's is left out
+    total = sum((masked[c] for c in survivors), np.zeros(8, np.uint32))
+    assert np.array_equal(unmask_range(total, plan, 0), np.full(8, 21, np.uint32))
+    exactly_t = {c: responses[c] for c in ("b", "c", "e")} | {"a": {"a": responses["a"]["a"]}}
+    with pytest.raises(SecAggAbandoned, match=r"a's self-mask seed.*corrupted"):
+        plan_unmasking(setup, survivors, survivors, exactly_t)

@@ -263,7 +263,8 @@ def render(data: dict) -> str:
         "parameter each): linear in the degree k, which SecAgg+ keeps logarithmic in n. The payload is the same "
         "size as a float32 delta (uint32 words); what grows with n is what a client reads (the setup lists every "
         "member's public keys). The server regenerates one self mask per survivor and, for a client that dropped "
-        "after sharing its keys, one pairwise mask per surviving neighbour of it.",
+        "after sharing its keys, one pairwise mask per surviving neighbour of it; it also reads every masked input "
+        "once more at the close (sha256, before anyone reveals a share).",
         "",
     ]
     return "\n".join(lines)

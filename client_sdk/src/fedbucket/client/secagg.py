@@ -71,6 +71,7 @@ from fedbucket.protocol.secagg import (
     pairwise_sign,
     quantise_update,
     seal,
+    seed_digest,
     setup_from_document,
     split_secret,
     unb64,
@@ -104,7 +105,7 @@ class SecAggClient:
         return f"SecAggClient({self.client_id!r}, round {self.round_id!r})"
 
     def advertise(self) -> Advertised:
-        return Advertised(self.cipher.public, self.mask.public)
+        return Advertised(self.cipher.public, self.mask.public, seed_digest(self.self_seed))
 
     def share_keys(self, setup: Setup) -> dict[str, bytes]:
         """Phase 2: ``{neighbour: sealed(b share || mask-key share)}``."""
@@ -247,6 +248,7 @@ def post_keys(store: ObjectStore, session: SecAggClient, *, layout: BucketLayout
         round_id=session.round_id,
         cipher_public=b64(keys.cipher_public),
         mask_public=b64(keys.mask_public),
+        seed_digest=b64(keys.seed_digest),
     )
     write_document(store, layout.secagg_client(session.client_id, session.round_id, "keys"), doc)
 

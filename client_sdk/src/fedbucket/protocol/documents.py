@@ -636,6 +636,7 @@ class SecAggKeys(Document):
     round_id: Identifier
     cipher_public: Base64
     mask_public: Base64
+    seed_digest: Base64 = Field(description="SHA-256 of the self-mask seed (domain-separated)")
 
 
 class SecAggMember(BaseModel):
@@ -643,6 +644,7 @@ class SecAggMember(BaseModel):
     x: int = Field(ge=1, description="the client's Shamir x-coordinate")
     cipher_public: Base64
     mask_public: Base64
+    seed_digest: Base64
 
 
 class SecAggSetup(Document):

@@ -280,10 +280,19 @@ def quantise_update(
 
 @dataclass(frozen=True)
 class Advertised:
-    """Phase 1 output: the two public keys."""
+    """Phase 1 output: the two public keys and a digest of the self-mask seed (the server checks a
+    rebuilt seed against it: a corrupted share abandons the round instead of skewing the sum)."""
 
     cipher_public: bytes
     mask_public: bytes
+    seed_digest: bytes
+
+
+def seed_digest(seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed, domain-separated (the seed is 256 random bits: nothing leaks)."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"fedbucket/secagg/v1/seed-digest/" + seed)
+    return digest.finalize()
 
 
 @dataclass(frozen=True)
@@ -347,9 +356,10 @@ def setup_from_document(doc: SecAggSetup) -> Setup:
     keys, x = {}, {}
     for client, member in doc.members.items():
         cipher, mask = unb64(member.cipher_public, "a public key"), unb64(member.mask_public, "a public key")
-        if len(cipher) != 32 or len(mask) != 32:
-            raise InvalidShare(f"{client}: an X25519 public key is 32 bytes")
-        keys[client], x[client] = Advertised(cipher, mask), member.x
+        digest = unb64(member.seed_digest, "a seed digest")
+        if len(cipher) != 32 or len(mask) != 32 or len(digest) != 32:
+            raise InvalidShare(f"{client}: an X25519 public key and a seed digest are 32 bytes each")
+        keys[client], x[client] = Advertised(cipher, mask, digest), member.x
     unknown = {v for vs in doc.neighbours.values() for v in vs} | set(doc.neighbours)
     if not unknown <= set(keys) or len(set(x.values())) != len(x):
         raise InvalidShare("the setup names clients without keys, or repeats an x-coordinate")
@@ -369,7 +379,12 @@ def setup_document(setup: Setup, *, clip_norm: float, max_clients: int) -> SecAg
         clip_norm=clip_norm,
         max_clients=max_clients,
         members={
-            c: SecAggMember(x=setup.x[c], cipher_public=b64(k.cipher_public), mask_public=b64(k.mask_public))
+            c: SecAggMember(
+                x=setup.x[c],
+                cipher_public=b64(k.cipher_public),
+                mask_public=b64(k.mask_public),
+                seed_digest=b64(k.seed_digest),
+            )
             for c, k in setup.keys.items()
         },
         neighbours={c: list(vs) for c, vs in setup.neighbours.items()},

@@ -240,12 +240,15 @@ class SecureAggregationSettings(_Section):
     def _graph_possible(self) -> SecureAggregationSettings:
         if self.degree is not None and self.degree % 2:
             raise ValueError(f"degree must be even (a circulant graph has an even degree), got {self.degree}")
-        if self.degree is not None and self.threshold is not None:
-            if not minimum_threshold(self.degree) <= self.threshold <= self.degree:
-                raise ValueError(
-                    f"threshold {self.threshold} with degree {self.degree}: it must be between "
-                    f"{minimum_threshold(self.degree)} (a strict majority of a client's share holders) and the degree"
-                )
+        if (
+            self.degree is not None
+            and self.threshold is not None
+            and not minimum_threshold(self.degree) <= self.threshold <= self.degree
+        ):
+            raise ValueError(
+                f"threshold {self.threshold} with degree {self.degree}: it must be between "
+                f"{minimum_threshold(self.degree)} (a strict majority of a client's share holders) and the degree"
+            )
         return self
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -66,6 +66,7 @@ from fedbucket.protocol.secagg import (
     pair_context,
     pairwise_sign,
     public_bytes,
+    seed_digest,
     setup_document,
     setup_from_document,
     unb64,
@@ -194,14 +195,20 @@ def plan_unmasking(
             raise SecAggAbandoned(
                 f"{len(shares)} share(s) of {u}'s self mask, fewer than the threshold {setup.threshold}"
             )
-        corrections.append((_combine(shares, setup.threshold, f"{u}'s self-mask seed"), +1))
+        seed = _combine(
+            shares, setup.threshold, f"{u}'s self-mask seed", lambda b, u=u: seed_digest(b) == setup.keys[u].seed_digest
+        )
+        corrections.append((seed, +1))
     for v in sorted(u2 - u3):  # shared keys, then dropped: remove the pairwise masks survivors added for it
         shares = key_shares.get(v, {})
         if len(shares) < setup.threshold:
             raise SecAggAbandoned(f"{len(shares)} share(s) of dropped {v}'s mask key, fewer than the threshold")
-        private = _combine(shares, setup.threshold, f"dropped {v}'s mask key")
-        if public_bytes(private) != setup.keys[v].mask_public:  # a share was corrupted: never a wrong mask
-            raise SecAggAbandoned(f"the shares of dropped {v}'s mask key do not rebuild the key it advertised")
+        private = _combine(
+            shares,
+            setup.threshold,
+            f"dropped {v}'s mask key",
+            lambda k, v=v: public_bytes(k) == setup.keys[v].mask_public,
+        )
         for u in setup.neighbours[v]:
             if u in u3:
                 seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
@@ -209,11 +216,23 @@ def plan_unmasking(
     return UnmaskPlan(tuple(sorted(u3)), tuple(corrections))
 
 
-def _combine(shares: Mapping[int, bytes], threshold: int, what: str) -> bytes:
-    try:
-        return combine_shares(shares, threshold, SEED_BYTES)
-    except ValueError as exc:
-        raise SecAggAbandoned(f"cannot reconstruct {what}: {exc}") from None
+def _combine(shares: Mapping[int, bytes], threshold: int, what: str, genuine: Callable[[bytes], bool]) -> bytes:
+    """The secret the shares rebuild, checked by ``genuine`` (the advertised seed digest or public
+    key). With more shares than the threshold, one corrupted share is found by leaving each out in
+    turn; otherwise a secret that fails the check abandons the round — never a wrong mask."""
+    candidates = [dict(shares)]
+    if len(shares) > threshold:
+        candidates += [{x: y for x, y in shares.items() if x != left_out} for left_out in sorted(shares)]
+    problem = "it does not match what its owner advertised"
+    for subset in candidates:
+        try:
+            secret = combine_shares(subset, threshold, SEED_BYTES)
+        except ValueError as exc:
+            problem = str(exc)
+            continue
+        if genuine(secret):
+            return secret
+    raise SecAggAbandoned(f"cannot reconstruct {what}: {problem} (a corrupted share)")
 
 
 def unmask_range(masked_sum: np.ndarray, plan: UnmaskPlan, start: int) -> np.ndarray:
@@ -271,10 +290,11 @@ def publish_setup(
             continue
         try:
             cipher, mask = unb64(doc.cipher_public, "key"), unb64(doc.mask_public, "key")
+            digest = unb64(doc.seed_digest, "seed digest")
         except InvalidShare:
             continue
-        if len(cipher) == 32 and len(mask) == 32 and len(advertised) < max_clients:
-            advertised[client] = Advertised(cipher, mask)  # well-formed keys first, then the cap
+        if len(cipher) == len(mask) == len(digest) == 32 and len(advertised) < max_clients:
+            advertised[client] = Advertised(cipher, mask, digest)  # well-formed keys first, then the cap
     if len(advertised) < 3:
         raise SecAggAbandoned(f"{len(advertised)} client(s) advertised keys; secure aggregation needs at least 3")
     setup = make_setup(round_id, advertised, degree=degree, threshold=threshold)
