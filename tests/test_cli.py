@@ -100,3 +100,22 @@ def test_client_commands_use_the_cli_exit_codes():
     from fedbucket.client import cli as client_cli
 
     assert (client_cli.EXIT_OK, client_cli.EXIT_NO_ROUND) == (cli.EXIT_OK, cli.EXIT_NO_ROUND)
+
+
+@pytest.mark.parametrize("store_url", ["file"], indirect=True)
+def test_status_says_when_the_round_is_secure(store, store_url, capsys, tmp_path):
+    from conftest import TINY_SPEC, tiny_model
+    from fedbucket.protocol.documents import TrainingConfig, utcnow
+    from fedbucket.server.config import SecureAggregationSettings
+    from fedbucket.server.rounds import open_round, publish_model, set_current_model
+
+    manifest = publish_model(store, tiny_model(), version="init", model=TINY_SPEC)
+    set_current_model(store, manifest, expected_generation=0)
+    secure = SecureAggregationSettings(enabled=True, clip_norm=2.0)
+    open_round(store, round_id="r1", opened_at=utcnow(), deadline_seconds=60, training=TrainingConfig(),
+               min_clients=3, max_clients=5, secure_aggregation=secure)  # fmt: skip
+    common = ["--bucket", store_url, "--client-id", "hospital-a", "--cache-dir", str(tmp_path)]
+    assert main(["status", *common]) == EXIT_OK
+    assert "secure       the server sees only the sum" in capsys.readouterr().out
+    assert main(["status", "--json", *common]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["round"]["secure_aggregation"]["clip_norm"] == 2.0

@@ -70,6 +70,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "submitted": None
                 if submitted is None
                 else {"sha256": submitted.sha256, "num_examples": submitted.num_examples},
+                "secure_aggregation": task.secure_aggregation.model_dump(mode="json")
+                if task.secure_aggregation is not None
+                else None,
             }
     exit_code = EXIT_OK if status["round"] is not None else EXIT_NO_ROUND  # the same in text and JSON
     if args.json:
@@ -93,6 +96,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     left = round_info["seconds_left"]
     print(f"round        {round_info['round_id']} (base {round_info['base_model_version']})")
     print(f"deadline     {round_info['deadline']} ({'closed' if left < 0 else f'{left} s left'})")
+    secure = round_info["secure_aggregation"]
+    if isinstance(secure, dict):
+        noise = " and adds its share of the DP noise" if secure["noise_stddev"] else ""
+        print(
+            f"secure       the server sees only the sum: keys by {secure['keys_deadline']}, this client clips to "
+            f"{secure['clip_norm']:g}{noise} (fedbucket runs the phases inside submit)"
+        )
     sub = round_info["submitted"]
     if sub is None:
         print("submitted    no")
