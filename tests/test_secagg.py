@@ -274,8 +274,9 @@ def test_the_server_ignores_a_responder_that_answers_against_the_roster():
     plan = plan_unmasking(setup, survivors, survivors, responses)  # e's answers are not used; 4 of 5 remain
     total = sum((masked[c] for c in survivors), np.zeros(8, np.uint32))
     assert np.array_equal(unmask_range(total, plan, 0), np.full(8, 15, np.uint32))
+    assert make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2).threshold == 3  # a floor
     with pytest.raises(SecAggAbandoned, match="strict majority"):
-        make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
+        make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=5)  # more than the neighbours
     with pytest.raises(ValueError, match="finite"):
         Quantiser.for_clients(1.0, 4).quantise(np.array([0.0, np.nan]))
 
@@ -492,9 +493,8 @@ def test_an_odd_neighbourhood_needs_more_than_half_of_the_holders_so_two_views_n
     assert setup.threshold == minimum_threshold(3) == 3
     weak = Setup(setup.round_id, setup.keys, setup.x, setup.neighbours, threshold=2)
     with pytest.raises(ConfigError, match="unsafe"):
-        clients["a"].share_keys(weak)
-    with pytest.raises(SecAggAbandoned, match="strict majority"):
-        make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2)
+        clients["a"].share_keys(weak)  # a server cannot talk a client into it either
+    assert make_setup(ROUND, {c: x.advertise() for c, x in clients.items()}, threshold=2).threshold == 3
 
 
 def test_secure_aggregation_settings_refuse_impossible_graphs_at_load():
@@ -571,3 +571,43 @@ def test_one_corrupted_share_is_left_out_when_there_are_spares_and_abandons_when
     exactly_t = {c: responses[c] for c in ("b", "c", "e")} | {"a": {"a": responses["a"]["a"]}}
     with pytest.raises(SecAggAbandoned, match=r"a's self-mask seed.*corrupted"):
         plan_unmasking(setup, survivors, survivors, exactly_t)
+
+
+def test_a_small_order_public_key_is_refused_everywhere_instead_of_crashing(store):
+    """A client posting an X25519 key of small order (all zeros) must not crash the server's steps or
+    its neighbours: the server leaves it out of the setup; a setup carrying one is refused."""
+    from fedbucket.client.secagg import post_keys
+    from fedbucket.protocol.documents import SecAggKeys, write_document
+    from fedbucket.protocol.secagg import agree, b64, setup_document, setup_from_document
+    from fedbucket.server.secagg import publish_setup
+
+    _open_secure_round(store)
+    for c in ("a", "b", "c"):
+        post_keys(store, SecAggClient(c, ROUND))
+    good = SecAggClient("d", ROUND).advertise()
+    zeros = b64(bytes(32))
+    evil = SecAggKeys(client_id="z", round_id=ROUND, cipher_public=zeros, mask_public=zeros,
+                      seed_digest=b64(good.seed_digest))  # fmt: skip
+    write_document(store, LAYOUT.secagg_client("z", ROUND, "keys"), evil)
+    setup = publish_setup(store, ROUND, clip_norm=0.5, max_clients=8)
+    assert sorted(setup.keys) == ["a", "b", "c"]
+    with pytest.raises(InvalidShare, match="small order"):
+        agree(bytes(range(32)), bytes(32), "mask", b"ctx")
+    forged = setup_document(setup, clip_norm=0.5, max_clients=8)
+    forged.members["a"].mask_public = zeros
+    with pytest.raises(InvalidShare, match="unusable public key"):
+        setup_from_document(forged)
+
+
+def test_the_masked_wait_never_ends_by_quorum_below_what_the_round_needs(store):
+    """Review finding: a quorum of 3 masked inputs out of 10 members (threshold 6) ended the wait,
+    then the close abandoned with hours left. The wait's quorum is what the round can release."""
+    from fedbucket.server.config import RoundSettings, SecureAggregationSettings
+    from fedbucket.server.secagg import phase_wait_settings
+
+    task = _open_secure_round(store, max_clients=10)
+    settings = phase_wait_settings(
+        task, "masked", [f"c{i}" for i in range(10)], round_settings=RoundSettings(min_clients=3, max_clients=10),
+        secure=SecureAggregationSettings(enabled=True), threshold=6,
+    )  # fmt: skip
+    assert settings.min_clients == 6 and settings.quorum_at_deadline == 6 and settings.max_clients == 10

@@ -93,7 +93,12 @@ class RoundQuorumSensor(BaseSensorOperator):
         if self.phase == "updates":
             expected = secagg.read_roster_document(self.store, run.round_id, "shared")
             settings = secagg.phase_wait_settings(
-                task, "masked", expected, round_settings=run.round, secure=run.secure_aggregation
+                task,
+                "masked",
+                expected,
+                round_settings=run.round,
+                secure=run.secure_aggregation,
+                threshold=secagg.setup_threshold(self.store, run.round_id),
             )
             return run.round.model_copy(update=settings.model_dump(exclude={"deadline_seconds"}))
         expected = secagg.expected_clients(self.store, task, self.phase)
@@ -137,9 +142,9 @@ class RoundQuorumSensor(BaseSensorOperator):
     def _poke_secure_phase(self, run: RunSettings) -> PokeReturnValue | bool:
         """A secure-aggregation phase: done if an earlier run already published its outcome."""
         store = self.store
-        closing, _ = read_optional(store, LAYOUT.round_closing(run.round_id), RoundClosing)
-        if closing is not None and closing.reason == "below_quorum":
-            raise AirflowSkipException(f"round {run.round_id} was abandoned by an earlier run")
+        why = secagg.abandoned(store, run.round_id)
+        if why is not None:
+            raise AirflowSkipException(f"round {run.round_id} was abandoned by an earlier run: {why}")
         published = {"keys": LAYOUT.secagg_setup(run.round_id), "shares": LAYOUT.secagg_roster(run.round_id, "shared")}
         if self.phase in published and store.exists(published[self.phase]):
             self.log.info("round %s: secure-aggregation %s phase finished by an earlier run", run.round_id, self.phase)
@@ -191,10 +196,11 @@ class RoundQuorumSensor(BaseSensorOperator):
                 f"fewer than {run.round.quorum_at_deadline}"
             )
         if task.secure_aggregation is not None:
-            secure = task.secure_aggregation
-            minimum = max(secagg.setup_threshold(store, run.round_id), 3, run.aggregation_quorum)
-            if secure.noise_stddev > 0:
-                minimum = max(minimum, secure.min_survivors)
+            why = secagg.abandoned(store, run.round_id)
+            if why is not None:  # an earlier run of this step abandoned it: the roster must not appear now
+                raise AirflowSkipException(f"round {run.round_id} was abandoned by an earlier run: {why}")
+            threshold = secagg.setup_threshold(store, run.round_id)
+            minimum = secagg.survivors_needed(task, threshold, run.aggregation_quorum)
             try:
                 masked = secagg.publish_masked_roster(store, task, closing, minimum=minimum)
             except secagg.SecAggAbandoned as exc:
@@ -238,15 +244,16 @@ class RoundQuorumSensor(BaseSensorOperator):
                     "secure aggregation, phase 2 closed (%s): %d of %d client(s) shared keys%s",
                     reason, len(shared), len(setup.keys), f"; dropped: {', '.join(dropped)}" if dropped else "",
                 )  # fmt: skip
-                if len(shared) < setup.threshold:
+                needed = secagg.survivors_needed(task, setup.threshold, run.aggregation_quorum)
+                if len(shared) < needed:  # no client should train and upload for a round that cannot finish
                     raise secagg.SecAggAbandoned(
-                        f"{len(shared)} client(s) shared keys, fewer than the threshold of {setup.threshold}"
+                        f"{len(shared)} client(s) shared keys; the round needs at least {needed} masked inputs"
                     )
                 return {"reason": reason, "shared": len(shared)}
         except secagg.SecAggAbandoned as exc:
             self._abandon(run, task, f"phase {self.phase}: {exc}")
         masked = secagg.read_roster_document(store, run.round_id, "masked")
-        answered = secagg.survey_phase(store, task, "unmask", masked).on_time
+        answered = secagg.survey_phase(store, task, "unmask", masked, check_ready=False).on_time
         self.log.info(
             "secure aggregation, phase 4 closed (%s): %d of %d survivor(s) answered the unmasking",
             reason, len(answered), len(masked),

@@ -134,9 +134,23 @@ def public_bytes(private: bytes) -> bytes:
 def agree(private: bytes, peer_public: bytes, purpose: str, context: bytes) -> bytes:
     """A 32-byte key both parties derive alone: HKDF-SHA256 of the X25519 shared secret, bound to
     ``purpose`` (encryption or masking) and ``context`` (the round and the sorted pair)."""
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:  # a malformed or small-order point: no shared secret
+        raise InvalidShare("a public key is not a usable X25519 key (malformed or of small order)") from None
     info = b"fedbucket/secagg/v1/" + purpose.encode() + b"/" + context
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def usable_public_key(raw: bytes) -> bool:
+    """Whether ``raw`` is an X25519 public key an exchange can use (32 bytes, not of small order)."""
+    if len(raw) != 32:
+        return False
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def message_context(round_id: str, sender: str, receiver: str) -> bytes:
@@ -357,8 +371,8 @@ def setup_from_document(doc: SecAggSetup) -> Setup:
     for client, member in doc.members.items():
         cipher, mask = unb64(member.cipher_public, "a public key"), unb64(member.mask_public, "a public key")
         digest = unb64(member.seed_digest, "a seed digest")
-        if len(cipher) != 32 or len(mask) != 32 or len(digest) != 32:
-            raise InvalidShare(f"{client}: an X25519 public key and a seed digest are 32 bytes each")
+        if not (usable_public_key(cipher) and usable_public_key(mask)) or len(digest) != 32:
+            raise InvalidShare(f"{client}: the setup carries an unusable public key or a malformed seed digest")
         keys[client], x[client] = Advertised(cipher, mask, digest), member.x
     unknown = {v for vs in doc.neighbours.values() for v in vs} | set(doc.neighbours)
     if not unknown <= set(keys) or len(set(x.values())) != len(x):

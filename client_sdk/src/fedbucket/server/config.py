@@ -231,7 +231,7 @@ class SecureAggregationSettings(_Section):
         description="SecAgg+: neighbours per client (even); None = every client up to 32, else 2 ceil(log2 n)",
     )
     threshold: int | None = Field(
-        default=None, ge=2, description="shares that reconstruct a secret (default: a strict majority of neighbours)"
+        default=None, ge=2, description="shares that rebuild a secret: a floor, raised to a strict majority of holders"
     )
     phase_seconds: float = Field(default=120.0, gt=0, description="deadline of each phase after the first")
     grace_seconds: float = Field(default=2.0, ge=0, description="after a phase's quorum, wait this long for more")

@@ -48,7 +48,6 @@ from fedbucket.protocol.errors import (
     ObjectTooLarge,
     PreconditionFailed,
     SchemaError,
-    StorageError,
     UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
@@ -70,6 +69,7 @@ from fedbucket.protocol.secagg import (
     setup_document,
     setup_from_document,
     unb64,
+    usable_public_key,
 )
 from fedbucket.protocol.storage import ObjectStore
 from fedbucket.protocol.validation import list_secagg_documents, rejection_verdict, validate_closed
@@ -121,14 +121,14 @@ def make_setup(
     round_id: str, advertised: Mapping[str, Advertised], *, degree: int | None = None, threshold: int | None = None
 ) -> Setup:
     """The setup the server publishes after phase 1 (``degree`` None: :func:`default_degree`).
-    ``threshold`` defaults to, and must be at least, a strict majority of a client's share holders
+    ``threshold`` (a floor) is raised to at least a strict majority of a client's share holders
     (its ``k`` neighbours and itself: :func:`~fedbucket.protocol.secagg.minimum_threshold`), so that
     no two conflicting views of who survived yield both of one client's secrets."""
     clients = sorted(advertised)
     neighbours = neighbour_graph(clients, degree if degree is not None else default_degree(len(clients)))
     smallest = min(len(v) for v in neighbours.values())
     largest = max(len(v) for v in neighbours.values())
-    threshold = threshold or minimum_threshold(largest)
+    threshold = max(threshold or 0, minimum_threshold(largest))  # a configured one is a floor, never below
     if not max(2, minimum_threshold(largest)) <= threshold <= smallest:
         raise SecAggAbandoned(
             f"threshold {threshold} is impossible with neighbourhoods of {smallest} to {largest} client(s): it must "
@@ -211,7 +211,10 @@ def plan_unmasking(
         )
         for u in setup.neighbours[v]:
             if u in u3:
-                seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
+                try:
+                    seed = agree(private, setup.keys[u].mask_public, "mask", pair_context(setup.round_id, u, v))
+                except InvalidShare as exc:
+                    raise SecAggAbandoned(f"cannot rebuild the mask between {u} and {v}: {exc}") from None
                 corrections.append((seed, pairwise_sign(u, v)))
     return UnmaskPlan(tuple(sorted(u3)), tuple(corrections))
 
@@ -293,7 +296,8 @@ def publish_setup(
             digest = unb64(doc.seed_digest, "seed digest")
         except InvalidShare:
             continue
-        if len(cipher) == len(mask) == len(digest) == 32 and len(advertised) < max_clients:
+        usable = usable_public_key(cipher) and usable_public_key(mask) and len(digest) == 32
+        if usable and len(advertised) < max_clients:
             advertised[client] = Advertised(cipher, mask, digest)  # well-formed keys first, then the cap
     if len(advertised) < 3:
         raise SecAggAbandoned(f"{len(advertised)} client(s) advertised keys; secure aggregation needs at least 3")
@@ -413,10 +417,12 @@ def survey_phase(
     phase: SecAggPhase,
     expected: Sequence[str] | None,
     *,
+    check_ready: bool = True,
     layout: BucketLayout = LAYOUT,
 ) -> PhaseSurvey:
     """The phase's documents listed now (names and commit times only: a poll reads no content;
-    the step after the wait parses them and drops the malformed). Late ones count as rejected."""
+    the step after the wait parses them and drops the malformed). Late ones count as rejected.
+    For the unmasking, ``check_ready`` also tries the reconstruction (:attr:`PhaseSurvey.ready`)."""
     deadline = phase_deadline(task, phase)
     wanted = set(expected) if expected is not None else None
     survey = PhaseSurvey()
@@ -432,7 +438,7 @@ def survey_phase(
             )
         else:
             survey.on_time.append(Arrival(client, info.updated))
-    if phase == "unmask" and expected is not None:
+    if phase == "unmask" and expected is not None and check_ready:
         survey.ready = _unmasking_possible(store, task, expected, layout=layout)
     return survey
 
@@ -447,7 +453,7 @@ def _unmasking_possible(store: ObjectStore, task: RoundTask, survivors: Sequence
     try:
         shared = read_roster_document(store, task.round_id, "shared", layout=layout)
         plan_unmasking(setup, shared, survivors, responses)
-    except SecAggAbandoned:
+    except (SecAggAbandoned, InvalidShare, ValueError):  # not yet, or never: the deadline decides
         return False
     return True
 
@@ -476,9 +482,10 @@ def phase_wait_settings(
             poll_seconds=round_settings.poll_seconds,
         )
     everyone = max(1, len(expected or ()))
-    quorum = round_settings.min_clients if phase == "masked" else threshold or 2
+    needed = survivors_needed(task, threshold or 2, round_settings.quorum_at_deadline)
+    quorum = max(round_settings.min_clients, needed) if phase == "masked" else threshold or 2
     quorum = max(1, min(quorum, everyone))
-    at_deadline = round_settings.quorum_at_deadline if phase == "masked" else quorum
+    at_deadline = max(round_settings.quorum_at_deadline, needed) if phase == "masked" else quorum
     return WaitSettings(
         min_clients=quorum,
         max_clients=everyone,
@@ -488,6 +495,23 @@ def phase_wait_settings(
         settle_seconds=round_settings.settle_seconds,
         poll_seconds=round_settings.poll_seconds,
     )
+
+
+def survivors_needed(task: RoundTask, threshold: int, round_quorum: int) -> int:
+    """The fewest masked inputs a secure round can release: the threshold, 3, the round's quorum
+    and, with distributed DP, the survivors its noise was sized for."""
+    secure = secure_task(task)
+    needed = max(threshold, MIN_SURVIVORS, round_quorum)
+    return max(needed, secure.min_survivors) if secure.noise_stddev > 0 else needed
+
+
+def abandoned(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> str | None:
+    """Why a secure round was abandoned, if it was (its aggregation report says so)."""
+    report, _ = read_optional(store, layout.aggregation_report(round_id), AggregationReport)
+    if report is not None and report.status == "below_quorum":
+        return report.message
+    closing, _ = read_optional(store, layout.round_closing(round_id), RoundClosing)
+    return "the round closed below its quorum" if closing is not None and closing.reason == "below_quorum" else None
 
 
 def setup_threshold(store: ObjectStore, round_id: str, *, layout: BucketLayout = LAYOUT) -> int:
@@ -520,7 +544,7 @@ def publish_masked_roster(
             continue
         try:
             validate_closed(store, task, closed, layout=layout)
-        except (UpdateRejected, StorageError):
+        except UpdateRejected:  # (an unreachable store raises: the step is retried, nobody is dropped for it)
             continue  # the aggregation report gives its code; here it is one more dropout
         masked.append(closed.manifest.client_id)
     if len(masked) < minimum:
