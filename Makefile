@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fedbucket-installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: rounds help setup java-check spark35-env tools-env test lint format demo airflow results package deploy bench lock clean
+.PHONY: browser ui-screenshots rounds help setup java-check spark35-env tools-env test lint format demo airflow results package deploy bench lock clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,7 +71,14 @@ format: setup  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint spark35-env tools-env  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
+browser:  ## Debian's Chromium for the UI test (installed with apt-get when missing and this is root)
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser test (apt-get)"; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; \
+	  else echo "Chromium not found: the browser test will be skipped; install it with: sudo apt-get install -y chromium" >&2; fi; }
+
+test: lint spark35-env tools-env browser  ## lint, then the whole test suite (pytest's "no tests ran" counts as failure)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
@@ -134,6 +141,10 @@ deploy: package  ## upload artifacts + DAG to GCP (needs gcloud and credentials;
 	  gcloud composer environments storage dags import --environment $(COMPOSER_ENV) --location $(REGION) --source dags/ && \
 	  gcloud composer environments storage plugins import --environment $(COMPOSER_ENV) --location $(REGION) \
 	    --source dist/composer-plugins/; }
+
+ui-screenshots: setup browser  ## screenshots of the Federation pages (real API server, real Chromium) -> docs/ui/
+	mkdir -p docs/ui
+	FEDBUCKET_UI_SCREENSHOTS=$(abspath docs/ui) $(PY) -m pytest -q tests/test_ui.py -k browser
 
 bench: setup  ## measure speed and memory; writes docs/benchmarks.md and docs/benchmarks/*.json
 	$(PY) -m tests.benchmarks.run $(BENCH_ARGS)

@@ -144,7 +144,14 @@ def main() -> int:
                 clients.kill()
         client_log.close()
     report = write_report(out, rows, args, time.monotonic() - started)
+    federation_report = out / "federation-report.html"  # the Federation page's content, one file
+    subprocess.run(
+        [str(bin_dir / "fedbucket"), "report", "--bucket", bucket, "--html", str(federation_report)],
+        check=True, env=env, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
     print(f"\nreport: {report}\nplot:   {out / 'metrics.png'}\nclient lines: {logs / 'clients.log'}")
+    print(f"federation report (HTML, plots inline): {federation_report}")
+    print(f"the same in the Airflow UI (Federation page): make airflow FEDBUCKET_CONFIG={config_path}")
     print(f"demo finished in {time.monotonic() - started:.0f}s; all processes it started are stopped")
     return 0 if rows and all(r["status"] != "failed" for r in rows) else 1
 

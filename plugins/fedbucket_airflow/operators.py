@@ -362,6 +362,7 @@ class RoundReportOperator(RoundStepOperator):
             promote_error=promote_error if isinstance(promote_error, str) else None,
             epsilon_budget=run.privacy.epsilon_budget if run.privacy.dp else None,
         )
+        report.airflow = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]}  # links from the page
         write_document(store, LAYOUT.round_report(run.round_id), report)
         for line in summary_lines(report):
             self.log.info("%s", line)

@@ -108,7 +108,7 @@ def render_aggregate(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["client", "aggregate", "dp", "secagg"], help="run one benchmark")
+    parser.add_argument("--only", choices=["client", "aggregate", "dp", "secagg", "ui"], help="run one benchmark")
     parser.add_argument("--secagg-n", default="10,50,100,200", help="secure aggregation: numbers of clients")
     parser.add_argument("--dp-n", type=int, default=64, help="differential privacy: updates aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
@@ -142,6 +142,10 @@ def main() -> None:
         from tests.benchmarks import bench_secagg
 
         bench_secagg.run(argparse.Namespace(n=[int(x) for x in args.secagg_n.split(",")]))
+    if args.only in (None, "ui"):
+        from tests.benchmarks import bench_ui
+
+        bench_ui.run(argparse.Namespace(rounds=1000, clients=1000, per_round=100, repeats=args.repeats))
     aggregate_json = DOCS / "benchmarks" / "aggregate.json"
     if aggregate_json.exists():
         sections.append(render_aggregate(json.loads(aggregate_json.read_text())))
@@ -155,6 +159,11 @@ def main() -> None:
         from tests.benchmarks.bench_secagg import render as render_secagg
 
         sections.append(render_secagg(json.loads(secagg_json.read_text())))
+    ui_json = DOCS / "benchmarks" / "ui.json"
+    if ui_json.exists():
+        from tests.benchmarks.bench_ui import render as render_ui
+
+        sections.append(render_ui(json.loads(ui_json.read_text())))
     client_json = DOCS / "benchmarks" / "client.json"
     if client_json.exists():
         sections.append(render_client(json.loads(client_json.read_text())))

@@ -181,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = add(
+        "report",
+        "fedbucket.server.cli:cmd_report",
+        "Write a report of the federation's rounds (server side): markdown on stdout, or one self-contained HTML "
+        "file with the plots inline (the same content as the Airflow Federation page).",
+        "fedbucket report --bucket gs://acme-federation/prod --last 10 --html report.html",
+    )
+    p.add_argument(
+        "--bucket",
+        default=os.environ.get("FEDBUCKET_BUCKET"),
+        help="federation URL (gs://… or file://…); env FEDBUCKET_BUCKET",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--round", dest="round_id", metavar="ID", help="one round")
+    which.add_argument("--last", type=int, metavar="N", help="the last N rounds (default: all)")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML file instead of markdown")
+
+    p = add(
         "init",
         "fedbucket.server.cli:cmd_init",
         "Initialise a federation (server side): initial model from the config's task, the server's validation "

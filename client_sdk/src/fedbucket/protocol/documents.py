@@ -469,10 +469,13 @@ class ModelMetrics(BaseModel):
     macro_f1: float
     finite: bool
     per_class: dict[str, ClassMetrics] = Field(default_factory=dict)
+    confusion: list[list[int]] | None = Field(default=None, description="rows: true class, columns: predicted")
 
 
 #: Most classes a federated evaluation may have (bounds every client's report).
 MAX_CLASSES = 1000
+#: Scores carry a confusion matrix only up to this many classes (10,000 counts).
+MAX_CONFUSION_CLASSES = 100
 Count = Annotated[int, Field(ge=0, le=10**12)]
 
 
@@ -489,6 +492,11 @@ class ModelScore(BaseModel):
     true_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_negative: list[Count] = Field(max_length=MAX_CLASSES)
+    confusion: list[list[Count]] | None = Field(
+        default=None,
+        max_length=MAX_CONFUSION_CLASSES,
+        description="counts by (true class, predicted class), for tasks of at most 100 classes",
+    )
 
     @field_validator("loss_sum")
     @classmethod
@@ -620,6 +628,9 @@ class RoundReport(Document):
     ignored_objects: int = Field(default=0, ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
     privacy: RoundPrivacy | None = Field(default=None, description="set when the round was differentially private")
+    airflow: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=250)]] = Field(
+        default_factory=dict, max_length=4, description="the Airflow run that wrote it: dag_id, run_id"
+    )
 
 
 # -- secure aggregation (docs/protocol.md, "Secure aggregation") -------------------------------

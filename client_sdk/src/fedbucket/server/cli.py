@@ -1,4 +1,5 @@
-"""The server commands of the ``fedbucket`` CLI: ``init`` (create a federation in a bucket)."""
+"""The server commands of the ``fedbucket`` CLI: ``init`` (create a federation in a bucket) and
+``report`` (what its rounds did, as markdown or one HTML file)."""
 
 from __future__ import annotations
 
@@ -43,4 +44,32 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"{held}; the gate uses {config.gate.source} figures; no round is open yet")
     else:
         print(f"{bucket} is already initialised (current model {manifest.version}); nothing changed")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Markdown on stdout, or a self-contained HTML file (``--html``), of the chosen rounds."""
+    from pathlib import Path
+
+    from fedbucket.protocol.errors import ConfigError
+    from fedbucket.server.federation import FederationView
+    from fedbucket.server.report_html import report_file, report_markdown
+
+    if not args.bucket:
+        raise ConfigError("--bucket is required (or set FEDBUCKET_BUCKET)")
+    view = FederationView(open_store(args.bucket))
+    rounds = [r.round_id for r in view.rounds()]
+    if args.round_id is not None:
+        if args.round_id not in rounds:
+            raise ConfigError(f"round {args.round_id!r} has no report in {args.bucket} ({len(rounds)} rounds do)")
+        rounds = [args.round_id]
+    elif args.last is not None:
+        if args.last < 1:
+            raise ConfigError("--last must be at least 1")
+        rounds = rounds[-args.last :]
+    if args.html:
+        Path(args.html).write_text(report_file(view, rounds), encoding="utf-8")
+        print(f"wrote {Path(args.html).resolve()} ({len(rounds)} round(s))")
+    else:
+        print(report_markdown(view, rounds), end="")
     return 0

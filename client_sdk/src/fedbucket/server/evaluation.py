@@ -114,6 +114,9 @@ def add_scores(scores: Iterable[ModelScore]) -> ModelScore:
         true_positive=np.sum([s.true_positive for s in scores], axis=0).tolist(),
         false_positive=np.sum([s.false_positive for s in scores], axis=0).tolist(),
         false_negative=np.sum([s.false_negative for s in scores], axis=0).tolist(),
+        confusion=np.sum([s.confusion for s in scores], axis=0).tolist()
+        if all(s.confusion is not None for s in scores)
+        else None,
     )
 
 
@@ -141,6 +144,7 @@ def metrics_from_score(version: str, score: ModelScore) -> ModelMetrics:
             )
             for c in range(len(tp))
         },
+        confusion=score.confusion,
     )
 
 

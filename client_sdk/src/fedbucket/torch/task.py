@@ -42,7 +42,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from fedbucket.protocol.documents import ModelScore, ModelSpec, TrainingConfig, describe_validation_error
+from fedbucket.protocol.documents import (
+    MAX_CONFUSION_CLASSES,
+    ModelScore,
+    ModelSpec,
+    TrainingConfig,
+    describe_validation_error,
+)
 from fedbucket.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -154,6 +160,7 @@ class Task:
 
         classes = self.num_classes
         true_positive = np.zeros(classes, dtype=np.int64)
+        confusion = np.zeros((classes, classes), dtype=np.int64) if classes <= MAX_CONFUSION_CLASSES else None
         predicted = np.zeros(classes, dtype=np.int64)
         actual = np.zeros(classes, dtype=np.int64)
         loss_sum, non_finite = 0.0, 0
@@ -176,6 +183,8 @@ class Task:
                 np.add.at(true_positive, y[guess == y], 1)
                 np.add.at(predicted, guess, 1)
                 np.add.at(actual, y, 1)
+                if confusion is not None:  # rows: the true class, columns: the predicted one
+                    np.add.at(confusion, (y, guess), 1)
         return ModelScore(
             examples=len(examples),
             loss_sum=loss_sum,
@@ -183,6 +192,7 @@ class Task:
             true_positive=true_positive.tolist(),
             false_positive=(predicted - true_positive).tolist(),
             false_negative=(actual - true_positive).tolist(),
+            confusion=confusion.tolist() if confusion is not None else None,
         )
 
 
