@@ -95,6 +95,7 @@ FEDBUCKET_CONFIG ?= $(abspath dags/federation.toml)
 airflow: setup  ## airflow standalone with the round DAG: http://127.0.0.1:8080 (Ctrl-C stops it)
 	$(BIN)/fedbucket init --config $(FEDBUCKET_CONFIG)
 	@echo "Airflow UI: http://127.0.0.1:8080  (local login: every user is admin; see docs/operations.md)"
+	@echo "Federation page: http://127.0.0.1:8080/plugin/federation for $(FEDBUCKET_CONFIG) (the demo's rounds: make airflow FEDBUCKET_CONFIG=$(abspath demo-output/federation.toml))"
 	@echo "The DAG starts paused: unpause fedbucket_round, then Trigger (with parameters); clients: .venv/bin/fedbucket simulate --bucket <bucket in $(FEDBUCKET_CONFIG)>"
 	PATH="$(abspath $(BIN)):$$PATH" AIRFLOW_HOME=$(AIRFLOW_LOCAL_HOME) FEDBUCKET_CONFIG=$(FEDBUCKET_CONFIG) \
 	  AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__DAGS_FOLDER=$(abspath dags) \

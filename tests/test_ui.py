@@ -213,6 +213,8 @@ def test_the_federation_pages_in_a_real_browser(built, api_server):
         body = page.locator("main").inner_text()
         assert "mallory" in body and "non_finite" in body and "hospital-0" in body
         assert "validation split" in body and page.locator("svg").count() >= 1  # the confusion matrix
+        run_link = page.locator("a:has-text('the run')").get_attribute("href")
+        assert run_link == f"/dags/fedbucket_round/runs/manual__{last.round_id}"  # to the Airflow run
         if shots:
             page.screenshot(path=f"{shots}/round.png", full_page=True)
 
@@ -245,3 +247,20 @@ def test_the_federation_pages_in_a_real_browser(built, api_server):
         page.goto(f"{api_server}/fedbucket/dags/fedbucket_round/runs/manual__{last.round_id}")  # a DAG run's tab
         page.wait_for_selector(f"h2:has-text('Round {last.round_id}')")
         browser.close()
+
+
+def test_a_client_confusion_matrix_must_agree_with_its_counts():
+    """Clients' scores may carry a confusion matrix; a ragged or made-up one is an invalid evaluation
+    (it would otherwise break the pooled figures or show a lie on the page)."""
+    from fedbucket.protocol.documents import ModelScore
+    from fedbucket.protocol.errors import InvalidEvaluation
+    from fedbucket.protocol.validation import _check_confusion
+
+    def score(confusion):
+        return ModelScore(examples=4, loss_sum=1.0, true_positive=[2, 1], false_positive=[1, 0],
+                          false_negative=[0, 1], confusion=confusion)  # fmt: skip
+
+    _check_confusion("candidate", score([[2, 0], [1, 1]]), 2)
+    for bad in ([[2], [1, 1]], [[2, 0], [0, 2]], [[2, 0, 0], [1, 1, 0], [0, 0, 0]]):
+        with pytest.raises(InvalidEvaluation, match="confusion"):
+            _check_confusion("candidate", score(bad), 2)

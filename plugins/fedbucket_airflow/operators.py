@@ -23,6 +23,7 @@ from fedbucket.protocol.documents import (
     AggregationReport,
     EvaluationReport,
     ModelManifest,
+    RoundReport,
     read_document,
     read_optional,
     utcnow,
@@ -362,7 +363,11 @@ class RoundReportOperator(RoundStepOperator):
             promote_error=promote_error if isinstance(promote_error, str) else None,
             epsilon_budget=run.privacy.epsilon_budget if run.privacy.dp else None,
         )
-        report.airflow = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]}  # links from the page
+        earlier, _ = read_optional(store, LAYOUT.round_report(run.round_id), RoundReport)
+        # links from the Federation page: the run that first reported the round (a re-run of the
+        # round writes the same bytes, so its report keeps the first run's id)
+        report.airflow = (earlier.airflow if earlier is not None and earlier.airflow else
+                          {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]})  # fmt: skip
         write_document(store, LAYOUT.round_report(run.round_id), report)
         for line in summary_lines(report):
             self.log.info("%s", line)

@@ -492,7 +492,7 @@ class ModelScore(BaseModel):
     true_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_positive: list[Count] = Field(max_length=MAX_CLASSES)
     false_negative: list[Count] = Field(max_length=MAX_CLASSES)
-    confusion: list[list[Count]] | None = Field(
+    confusion: list[Annotated[list[Count], Field(max_length=MAX_CONFUSION_CLASSES)]] | None = Field(
         default=None,
         max_length=MAX_CONFUSION_CLASSES,
         description="counts by (true class, predicted class), for tasks of at most 100 classes",

@@ -24,6 +24,7 @@ from fedbucket.protocol.documents import (
     ClientEvaluation,
     ClosedUpdate,
     EvaluationTask,
+    ModelScore,
     RoundTask,
     TensorSchema,
     UpdateManifest,
@@ -279,6 +280,24 @@ def check_client_evaluation(task: EvaluationTask, report: ClientEvaluation, comm
             raise InvalidEvaluation(f"{label}: {score.non_finite} non-finite losses among {examples} examples")
         if score.loss_sum > examples * MAX_MEAN_LOSS:
             raise InvalidEvaluation(f"{label}: mean loss above {MAX_MEAN_LOSS:g} is not a cross-entropy we accept")
+        if score.confusion is not None:
+            _check_confusion(label, score, task.num_classes)
+
+
+def _check_confusion(label: str, score: ModelScore, classes: int) -> None:
+    """A confusion matrix must be ``classes`` x ``classes`` and agree with the per-class counts:
+    its diagonal the true positives, its rows (true class) and columns (predicted) their totals."""
+    matrix = score.confusion or []
+    if len(matrix) != classes or any(len(row) != classes for row in matrix):
+        raise InvalidEvaluation(f"{label}: the confusion matrix must be {classes} x {classes}")
+    array = np.asarray(matrix, dtype=np.int64)
+    tp = np.asarray(score.true_positive, dtype=np.int64)
+    if (
+        not np.array_equal(np.diag(array), tp)
+        or not np.array_equal(array.sum(axis=1), tp + np.asarray(score.false_negative, dtype=np.int64))
+        or not np.array_equal(array.sum(axis=0), tp + np.asarray(score.false_positive, dtype=np.int64))
+    ):
+        raise InvalidEvaluation(f"{label}: the confusion matrix disagrees with the per-class counts")
 
 
 #: A bound on a reported mean cross-entropy (a uniform guess over 1000 classes is ~6.9).

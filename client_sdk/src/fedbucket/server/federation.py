@@ -21,6 +21,7 @@ from fedbucket.protocol.documents import (
     EvaluationReport,
     ModelManifest,
     ModelPointer,
+    RoundClosing,
     RoundReport,
     RoundTask,
     read_document,
@@ -52,7 +53,9 @@ class RoundRow:
     epsilon: float | None
     clip_norm: float | None
     secure: bool
-    timings: dict[str, float]
+    timings: dict[str, float]  # the aggregation's phases (validate_s, aggregate_s, write_s, total_s)
+    wait_seconds: float | None  # from opening the round to freezing it
+    airflow: dict[str, str]  # the DAG run that first reported it
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,15 @@ class FederationView:
             if cached[0] is not None:
                 rows.append(cached[0])
                 self._reports[cached[0].round_id] = cached[1]
-        return sorted(rows, key=lambda r: (r.opened_at is None, r.opened_at, r.round_id))
+        return sorted(rows, key=lambda r: (r.opened_at is not None, r.opened_at, r.round_id))  # unknown: oldest
 
     def _row(self, report: RoundReport) -> RoundRow:
         task = self._optional(self.layout.round_task(report.round_id), RoundTask)
         aggregation = self._optional(self.layout.aggregation_report(report.round_id), AggregationReport)
+        closing = self._optional(self.layout.round_closing(report.round_id), RoundClosing)
+        wait = None
+        if task is not None and closing is not None:  # the wait: from opening the round to freezing it
+            wait = max(0.0, (closing.closed_at - task.opened_at).total_seconds())
         source, candidate, current = gate_figures(report.metrics)
         rejected = Counter(u.code for u in report.updates if not u.accepted)
         privacy = report.privacy
@@ -154,6 +161,8 @@ class FederationView:
             clip_norm=privacy.mechanism.clip_norm if privacy else None,
             secure=bool(task and task.secure_aggregation),
             timings=dict(aggregation.timings) if aggregation else {},
+            wait_seconds=wait,
+            airflow=dict(report.airflow),
         )
 
     def round_detail(self, round_id: str) -> RoundDetail | None:

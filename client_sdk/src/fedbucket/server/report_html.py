@@ -12,8 +12,10 @@ import html
 import io
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from fedbucket.server.federation import FederationView, ModelRow, RoundDetail, RoundRow
 
@@ -69,8 +71,10 @@ def svg(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})  # same bytes for the same data
-    plt.close(fig)
+    try:
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})  # same bytes, same data
+    finally:
+        plt.close(fig)
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
@@ -89,16 +93,19 @@ def _pyplot():  # noqa: ANN202
 
 
 _PLOTS: dict[tuple[str, str], str] = {}
+#: pyplot's state is global: one drawing at a time (the Airflow page serves requests from threads).
+DRAWING = threading.Lock()
 
 
 def _cached(kind: str, rows: Sequence[RoundRow], draw: Callable[[Sequence[RoundRow]], str]) -> str:
     """A plot of finished rounds is the same picture until a round is added: drawn once per set."""
     key = (kind, repr(rows))
-    if key not in _PLOTS:
-        if len(_PLOTS) > 64:
-            _PLOTS.clear()
-        _PLOTS[key] = draw(rows)
-    return _PLOTS[key]
+    with DRAWING:
+        if key not in _PLOTS:
+            if len(_PLOTS) > 64:
+                _PLOTS.clear()
+            _PLOTS[key] = draw(rows)
+        return _PLOTS[key]
 
 
 def rounds_plot(rows: Sequence[RoundRow]) -> str:
@@ -141,23 +148,32 @@ def _draw_rounds(rows: Sequence[RoundRow]) -> str:
 
 
 def _draw_durations(rows: Sequence[RoundRow]) -> str:
+    """The wait for updates (usually minutes) and the aggregation's phases (seconds), each on its own axis."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 2.4))
+    fig, (wait_axis, axis) = plt.subplots(1, 2, figsize=(10, 2.4), width_ratios=[1, 2])
     xs = list(range(len(rows)))
+    wait_axis.bar(xs, [r.wait_seconds or 0.0 for r in rows], color="#90a4ae")
+    wait_axis.set_title("wait for updates, s", fontsize=9)
     bottom = [0.0] * len(rows)
     for phase in ("validate_s", "aggregate_s", "write_s"):
         values = [r.timings.get(phase, 0.0) for r in rows]
-        ax.bar(xs, values, bottom=bottom, label=phase.removesuffix("_s"))
+        axis.bar(xs, values, bottom=bottom, label=phase.removesuffix("_s"))
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("aggregation s")
-    ax.legend(fontsize=8, ncols=3)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_xticks([])
+    axis.set_title("aggregation by phase, s", fontsize=9)
+    axis.legend(fontsize=8, ncols=3)
+    for ax in (wait_axis, axis):
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_xticks([])
     fig.tight_layout()
     return svg(fig)
 
 
 def confusion_plot(matrix: list[list[int]], title: str) -> str:
+    with DRAWING:
+        return _draw_confusion(matrix, title)
+
+
+def _draw_confusion(matrix: list[list[int]], title: str) -> str:
     plt = _pyplot()
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(min(8, 1.5 + 0.45 * n), min(8, 1.2 + 0.45 * n)))
@@ -214,7 +230,8 @@ def _pager(base: str, route: str, current: int, pages: int) -> str:
 def rounds_table(rows: Sequence[RoundRow], *, base: str, link: bool = True) -> str:
     head = (
         "<tr><th>round</th><th>status</th><th>accepted</th><th>rejected (code)</th><th>accuracy</th>"
-        "<th>macro-F1</th><th>loss</th><th>current acc.</th><th>ε</th><th>clip</th><th>aggregation s</th></tr>"
+        "<th>macro-F1</th><th>loss</th><th>current acc.</th><th>ε</th><th>clip</th><th>wait s</th>"
+        "<th>aggregation s</th></tr>"
     )
     body = []
     for r in rows:
@@ -227,7 +244,8 @@ def rounds_table(rows: Sequence[RoundRow], *, base: str, link: bool = True) -> s
             f'<td class="num">{fmt(r.candidate.get("macro_f1"))}</td>'
             f'<td class="num">{fmt(r.candidate.get("loss"))}</td>'
             f'<td class="num">{fmt(r.current.get("accuracy"))}</td><td class="num">{fmt(r.epsilon, 2)}</td>'
-            f'<td class="num">{fmt(r.clip_norm, 3)}</td><td class="num">{fmt(r.timings.get("total_s"), 2)}</td></tr>'
+            f'<td class="num">{fmt(r.clip_norm, 3)}</td><td class="num">{fmt(r.wait_seconds, 1)}</td>'
+            f'<td class="num">{fmt(r.timings.get("total_s"), 2)}</td></tr>'
         )
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -259,11 +277,13 @@ def overview_page(view: FederationView, *, base: str = "", page_number: int = 1)
 def round_section(detail: RoundDetail, *, airflow: str | None = None) -> str:
     r, report = detail.row, detail.report
     links = ""
-    if airflow and report.airflow.get("dag_id") and report.airflow.get("run_id"):
-        run = f"{airflow.rstrip('/')}/dags/{esc(report.airflow['dag_id'])}/runs/{esc(report.airflow['run_id'])}"
+    if airflow is not None and report.airflow.get("dag_id") and report.airflow.get("run_id"):
+        dag_id, run_id = (quote(report.airflow[k], safe="") for k in ("dag_id", "run_id"))
+        run = esc(f"{airflow.rstrip('/')}/dags/{dag_id}/runs/{run_id}")
         links = (
-            f'<p>Airflow: <a href="{run}">the run</a> · logs of <a href="{run}/tasks/aggregate">aggregate</a>, '
-            f'<a href="{run}/tasks/evaluate">evaluate</a>, <a href="{run}/tasks/report">report</a></p>'
+            f'<p>Airflow: <a target="_top" href="{run}">the run</a> · logs of <a target="_top" '
+            f'href="{run}/tasks/aggregate">aggregate</a>, <a target="_top" href="{run}/tasks/evaluate">evaluate</a>, '
+            f'<a target="_top" href="{run}/tasks/report">report</a></p>'
         )
     verdicts = "".join(
         f"<tr><td>{esc(u.client_id)}</td><td>{'accepted' if u.accepted else esc(u.code)}</td>"
@@ -271,6 +291,8 @@ def round_section(detail: RoundDetail, *, airflow: str | None = None) -> str:
         for u in report.updates
     )
     timings = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in r.timings.items()) or "-"
+    if r.wait_seconds is not None:
+        timings = f"waited {r.wait_seconds:.1f} s for updates; aggregation: {timings}"
     privacy = ""
     if report.privacy is not None:
         m, spent = report.privacy.mechanism, report.privacy.spent
@@ -310,13 +332,14 @@ def round_section(detail: RoundDetail, *, airflow: str | None = None) -> str:
             f = detail.evaluation.federated
             evaluation += (
                 f"<h3>Clients' scores: {f.reports} report(s), pooled from {esc(', '.join(f.used))}; trimmed "
-                f"{esc(', '.join(f.trimmed) or 'none')}; candidate accuracy {fmt(f.candidate.accuracy)} vs current "
-                f"{fmt(f.current.accuracy)}</h3>"
+                f"{esc(', '.join(f.trimmed) or 'none')}; candidate accuracy "
+                f"{fmt(f.candidate.accuracy if f.candidate else None)} vs current "
+                f"{fmt(f.current.accuracy if f.current else None)}</h3>"
             )
     return (
         f'<h2 id="round-{esc(r.round_id)}">Round {esc(r.round_id)} {status_badge(r.status)}</h2>'
         f'<p>{esc(report.message)}</p><p class="muted">base {esc(report.base_model_version)}'
-        f"{' → ' + esc(report.promoted_version) if report.promoted_version else ''}; aggregation: {esc(timings)}</p>"
+        f"{' → ' + esc(report.promoted_version) if report.promoted_version else ''}; {esc(timings)}</p>"
         f"{links}{privacy}{secure}<table><tr><th>client</th><th>verdict</th><th>examples</th><th>weight</th>"
         f"<th>reason</th></tr>{verdicts}</table>{evaluation}"
     )
@@ -382,12 +405,21 @@ def models_page(view: FederationView, *, base: str = "", a: str | None = None, b
     return page("fedbucket: models", body, base=base, bucket=view.store.url)
 
 
-def clients_section(view: FederationView, *, base: str, page_number: int = 1, rounds_shown: int = 100) -> str:
-    rows = view.rounds()[-rounds_shown:]
+def clients_section(
+    view: FederationView,
+    *,
+    base: str,
+    page_number: int = 1,
+    rows: Sequence[RoundRow] | None = None,
+    paged: bool = True,
+) -> str:
+    """Participation over ``rows`` (default: the last 100 rounds); ``paged``: 100 clients a page."""
+    rows = list(rows) if rows is not None else view.rounds()[-100:]
     clients, round_ids, cells = view.participation(rows)
-    pages = max(1, math.ceil(len(clients) / CLIENTS_PER_PAGE))
+    per_page = CLIENTS_PER_PAGE if paged else max(1, len(clients))
+    pages = max(1, math.ceil(len(clients) / per_page))
     page_number = min(max(1, page_number), pages)
-    shown = clients[(page_number - 1) * CLIENTS_PER_PAGE : page_number * CLIENTS_PER_PAGE]
+    shown = clients[(page_number - 1) * per_page : page_number * per_page]
 
     def rejections(client: str) -> str:
         found = [f"{r}: {cells[(client, r)]}" for r in round_ids if cells.get((client, r), "accepted") != "accepted"]
@@ -428,7 +460,7 @@ def report_file(view: FederationView, round_ids: Sequence[str]) -> str:
         + (rounds_plot(rows) + duration_plot(rows) if rows else "<p>No round has finished yet.</p>")
         + f"<h2>Rounds</h2>{rounds_table(rows, base='#', link=False)}{sections}"
         + f"<h2>Model registry</h2>{models_table(models, current, base='')}"
-        + clients_section(view, base="", rounds_shown=len(rows) or 1)
+        + clients_section(view, base="", rows=rows, paged=False)
     )
     return page("fedbucket report", body, bucket=view.store.url, standalone=True)
 
