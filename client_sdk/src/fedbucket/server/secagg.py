@@ -483,7 +483,7 @@ def phase_wait_settings(
         )
     everyone = max(1, len(expected or ()))
     needed = survivors_needed(task, threshold or 2, round_settings.quorum_at_deadline)
-    quorum = max(round_settings.min_clients, needed) if phase == "masked" else threshold or 2
+    quorum = needed if phase == "masked" else threshold or 2  # the phase waits for who shared, not min_clients
     quorum = max(1, min(quorum, everyone))
     at_deadline = max(round_settings.quorum_at_deadline, needed) if phase == "masked" else quorum
     return WaitSettings(
