@@ -137,3 +137,40 @@ def test_file_store_hides_temporary_files(tmp_path):
     (tmp_path / "models" / ".model.safetensors.tmp-123").write_bytes(b"partial")
     store.put_bytes("models/ok.json", b"{}")
     assert [i.name for i in store.list()] == ["models/ok.json"]
+
+
+def test_assembly_from_parts_written_by_many_workers(store: ObjectStore):
+    """Parts written in any order, from other store instances (as Spark executors do), a part
+    written twice (a retried task), more parts than one GCS compose takes: one atomic object."""
+    payload = bytes(range(256)) * 300 + b"tail"
+    cuts = list(range(0, len(payload), 1000))  # 77 parts: a two-level compose tree on GCS
+    parts = [(at, min(1000, len(payload) - at)) for at in cuts]
+    store.put_bytes("rounds/r/candidate/model.bin", b"old")
+    assembly = store.begin_assembly("rounds/r/candidate/model.bin", len(payload))
+    workers = [open_store(store.url) for _ in range(3)]
+
+    def write(index: int) -> None:
+        offset, length = parts[index]
+        workers[index % 3].write_part(assembly, offset, memoryview(payload)[offset : offset + length])
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in reversed(range(len(parts)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    write(5)  # again: same bytes
+    assert store.get_bytes("rounds/r/candidate/model.bin")[0] == b"old"  # nothing visible before the finish
+    with pytest.raises(StorageError, match="tile"):
+        store.finish_assembly(assembly, parts[1:])
+    with pytest.raises(StorageError, match="outside"):
+        store.write_part(assembly, len(payload) - 2, b"abc")
+    info = store.finish_assembly(assembly, parts)
+    assert info.size == len(payload)
+    assert store.get_bytes("rounds/r/candidate/model.bin")[0] == payload
+    assert [i.name for i in store.list("rounds/r/")] == ["rounds/r/candidate/model.bin"]  # no scratch left
+
+    dropped = store.begin_assembly("rounds/r/other.bin", 10)
+    store.write_part(dropped, 0, b"0123456789")
+    store.abort_assembly(dropped)
+    assert not store.exists("rounds/r/other.bin")
+    assert [i.name for i in store.list("rounds/r/")] == ["rounds/r/candidate/model.bin"]

@@ -8,6 +8,10 @@ Both stores give the same guarantees, checked by one conformance suite (tests/te
 - large objects stream in bounded memory (``upload_file``/``download_file``/``open_reader``);
 - ``ObjectInfo.updated`` is the commit time as the store sees it (GCS: the server's clock; files:
   the inode's change time, which the kernel sets and no writer can forge), never a writer's stamp;
+- an object too large for one writer is *assembled*: :meth:`ObjectStore.begin_assembly` names it,
+  many workers write disjoint byte ranges (:meth:`~ObjectStore.write_part`, idempotent), and
+  :meth:`~ObjectStore.finish_assembly` commits it atomically once the parts tile it exactly (files:
+  positioned writes into one pre-sized hidden file; GCS: part objects joined by ``compose``);
 - ``list(match_glob=...)`` filters on the store's side (GCS ``matchGlob``; files: a directory walk
   that only descends where the pattern can match), so a round's listing does not grow with history
   (the GCS emulator used in tests ignores ``matchGlob``; the client applies the pattern again);
@@ -36,7 +40,7 @@ import stat
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +72,38 @@ class ObjectInfo:
     size: int
     generation: int
     updated: datetime
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """An object being assembled from byte ranges written independently (e.g. by Spark executors).
+
+    Small and picklable: the driver begins it, workers write parts through their own store opened
+    from the same URL, the driver finishes it. Nothing is visible under ``name`` until then.
+    """
+
+    name: str
+    size: int
+    token: str
+
+
+def check_tiling(assembly: Assembly, parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``parts`` (offset, length) sorted by offset; :class:`StorageError` unless they cover
+    ``[0, assembly.size)`` exactly once (no gap, no overlap, no empty part)."""
+    ordered = sorted(parts)
+    at = 0
+    for offset, length in ordered:
+        if offset != at or length <= 0:
+            raise StorageError(f"{assembly.name}: parts do not tile the object (expected a part at byte {at})")
+        at += length
+    if at != assembly.size:
+        raise StorageError(f"{assembly.name}: parts cover {at} of {assembly.size} bytes")
+    return ordered
+
+
+def _check_part(assembly: Assembly, offset: int, length: int) -> None:
+    if offset < 0 or offset + length > assembly.size:
+        raise StorageError(f"{assembly.name}: part [{offset}, {offset + length}) outside its {assembly.size} bytes")
 
 
 def _check_name(name: str) -> str:
@@ -137,6 +173,26 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, name: str) -> None:
         """Delete ``name``; :class:`ObjectNotFound` if absent."""
+
+    @abstractmethod
+    def begin_assembly(self, name: str, size: int) -> Assembly:
+        """Start assembling a ``size``-byte object ``name`` from parts (nothing visible yet)."""
+
+    @abstractmethod
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at byte ``offset`` of the assembly. Idempotent: writing the same part
+        again (a retried task) writes the same bytes. Safe from many processes at once."""
+
+    @abstractmethod
+    def finish_assembly(
+        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+    ) -> ObjectInfo:
+        """Commit the assembly atomically as ``assembly.name``; ``parts`` are the ``(offset, length)``
+        written and must tile the object exactly (:func:`check_tiling`). Cleans up its scratch."""
+
+    @abstractmethod
+    def abort_assembly(self, assembly: Assembly) -> None:
+        """Drop an assembly that will not be finished (best effort; never raises)."""
 
     def download_file(
         self, name: str, path: str | os.PathLike[str], *, progress: ProgressCallback | None = None
@@ -412,6 +468,67 @@ class FileStore(ObjectStore):
         except OSError as exc:
             raise self._error(name, exc) from None
 
+    # -- assembly: positioned writes into one pre-sized hidden file -----------------------------
+
+    def _assembly_file(self, assembly: Assembly, flags: int) -> int:
+        with self._parent_fd(assembly.name) as (dir_fd, last):
+            try:
+                return os.open(
+                    f".{last}.assembly-{assembly.token}", flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            except OSError as exc:
+                raise self._error(assembly.name, exc) from None
+
+    def begin_assembly(self, name: str, size: int) -> Assembly:
+        self._tmp_for(name)  # creates the folder, refuses links
+        assembly = Assembly(name, size, uuid.uuid4().hex)
+        fd = self._assembly_file(assembly, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            os.ftruncate(fd, size)  # sparse: the parts fill it
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{name}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        return assembly
+
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        _check_part(assembly, offset, len(view))
+        fd = self._assembly_file(assembly, os.O_WRONLY)
+        try:
+            written = 0
+            while written < len(view):  # pwrite may write less than asked
+                written += os.pwrite(fd, view[written:], offset + written)
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{assembly.name}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def finish_assembly(
+        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+    ) -> ObjectInfo:
+        check_tiling(assembly, parts)
+        path = self._path(assembly.name)
+        tmp = path.with_name(f".{path.name}.assembly-{assembly.token}")
+        try:
+            fd = self._assembly_file(assembly, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != assembly.size:
+                    raise StorageError(f"{self.url}/{assembly.name}: assembly file changed size")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._commit(assembly.name, tmp, if_generation_match)
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{assembly.name}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def abort_assembly(self, assembly: Assembly) -> None:
+        with contextlib.suppress(OSError, StorageError):
+            path = self._path(assembly.name)
+            path.with_name(f".{path.name}.assembly-{assembly.token}").unlink(missing_ok=True)
+
 
 # --------------------------------------------------------------------------------------------
 # gs://
@@ -664,6 +781,64 @@ class GCSStore(ObjectStore):
         blob = self._blob(name)
         with self._translate(name):
             blob.delete(retry=self._retry, timeout=self._timeout)
+
+    # -- assembly: one object per part, joined by compose (at most 32 sources per call) ----------
+
+    _COMPOSE_FAN_IN = 32
+
+    def _part_name(self, assembly: Assembly, label: str) -> str:
+        return f"{assembly.name}.assembly-{assembly.token}/{label}"
+
+    def begin_assembly(self, name: str, size: int) -> Assembly:
+        return Assembly(_check_name(name), size, uuid.uuid4().hex)
+
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
+        data = bytes(data)
+        _check_part(assembly, offset, len(data))
+        name = self._part_name(assembly, f"{offset:020d}")
+        with self._translate(name):  # an unconditional write of the same bytes: safe to retry
+            self._blob(name).upload_from_string(data, retry=self._retry, timeout=self._timeout)
+
+    def finish_assembly(
+        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+    ) -> ObjectInfo:
+        sources = [self._part_name(assembly, f"{offset:020d}") for offset, _ in check_tiling(assembly, parts)]
+        scratch = list(sources)
+        try:
+            level = 0
+            while len(sources) > self._COMPOSE_FAN_IN:  # a tree of composes: 32 x 32 x ... parts
+                groups = [sources[i : i + self._COMPOSE_FAN_IN] for i in range(0, len(sources), self._COMPOSE_FAN_IN)]
+                sources = [self._part_name(assembly, f"compose-{level}-{i:06d}") for i in range(len(groups))]
+                for target, group in zip(sources, groups, strict=True):
+                    self._compose(target, group, None)
+                scratch += sources
+                level += 1
+            self._compose(assembly.name, sources, if_generation_match)
+            info = self.stat(assembly.name)
+        finally:
+            for name in scratch:
+                with contextlib.suppress(StorageError):
+                    self.delete(name)
+        if info.size != assembly.size:
+            raise StorageError(f"{self.url}/{assembly.name}: assembled {info.size} bytes, expected {assembly.size}")
+        return info
+
+    def _compose(self, target: str, sources: Sequence[str], if_generation_match: int | None) -> None:
+        blob = self._blob(target)
+        blob.content_type = "application/octet-stream"
+        with self._translate(target):
+            blob.compose(
+                [self._blob(s) for s in sources],
+                if_generation_match=if_generation_match,
+                retry=self._retry,
+                timeout=self._timeout,
+            )
+
+    def abort_assembly(self, assembly: Assembly) -> None:
+        with contextlib.suppress(StorageError):
+            for info in list(self.list(f"{assembly.name}.assembly-{assembly.token}/")):
+                with contextlib.suppress(StorageError):
+                    self.delete(info.name)
 
 
 def glob_matches(pattern: str, name: str) -> bool:
