@@ -34,7 +34,6 @@ def test_job_on_a_standalone_cluster_writes_the_local_bytes(tmp_path):
     assert store.get_bytes(LAYOUT.candidate_payload("r1"))[0] == serial
     assert local["candidate_sha256"] == on_cluster["candidate_sha256"] == on_cluster["report_candidate_sha256"]
     assert on_cluster["engine"]["master"] == cluster.url and local["engine"]["master"] == "local[2]"
-    assert on_cluster["engine"]["shards"] > 2
     # Both executors of the cluster registered before the job started and both ran tasks.
     assert len(on_cluster["executors"]) == 2, on_cluster["executors"]
     assert all(tasks > 0 for tasks in on_cluster["executors"].values()), on_cluster["executors"]

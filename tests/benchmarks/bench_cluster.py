@@ -37,6 +37,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -64,14 +65,12 @@ def free_port() -> int:
 
 
 def spark_env(python: str = sys.executable) -> dict[str, str]:
-    """What the Makefile exports for Spark: the venv's python for workers, the loopback address."""
-    return {
-        **os.environ,
-        "PYSPARK_PYTHON": python,
-        "PYSPARK_DRIVER_PYTHON": python,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "PYTHONPATH": str(REPO),
-    }
+    """What the Makefile exports for Spark: the venv's python for workers, the loopback address.
+
+    No PYTHONPATH: executors must find fedbucket where a cluster node has it (installed in the
+    python they run), never in this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python, "SPARK_LOCAL_IP": "127.0.0.1"}
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -240,18 +239,30 @@ def clear_outputs(store_url: str, round_id: str) -> None:
 
 
 def submit(
-    master: str, store_url: str, round_id: str, log: Path, *extra: str, timeout_s: float = 1800
+    master: str,
+    store_url: str,
+    round_id: str,
+    log: Path,
+    *extra: str,
+    cluster_cores: int | None = None,
+    timeout_s: float = 1800,
 ) -> subprocess.CompletedProcess:
     """``spark-submit --master <master> spark_jobs/aggregate.py`` in its own process group, output to ``log``.
 
-    On a cluster the job waits (an event, not a time) until every executor of the cluster has
-    registered before it schedules anything: without that, the first stage may run on whichever
-    executor came up first."""
+    With ``cluster_cores`` (a standalone master) the job asks for that many cores and waits (an
+    event, not a time) until executors with all of them have registered before it schedules
+    anything: without ``spark.cores.max`` standalone counts 0 expected cores, so the first stage
+    would run on whichever executor came up first."""
+    waiting = []
+    if cluster_cores is not None:
+        waiting = [
+            "--conf", f"spark.cores.max={cluster_cores}",
+            "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
+            "--conf", f"spark.scheduler.maxRegisteredResourcesWaitingTime={int(timeout_s)}s",
+        ]  # fmt: skip
     command = [
         str(spark_home() / "bin" / "spark-submit"), "--master", master, "--driver-memory", "2g",
-        "--conf", "spark.ui.enabled=false",
-        "--conf", "spark.scheduler.minRegisteredResourcesRatio=1.0",
-        "--conf", f"spark.scheduler.maxRegisteredResourcesWaitingTime={int(timeout_s)}s",
+        "--conf", "spark.ui.enabled=false", *waiting,
         str(REPO / "spark_jobs" / "aggregate.py"), "--bucket", store_url, "--round", round_id, *extra,
     ]  # fmt: skip
     with open(log, "wb") as out:
@@ -271,6 +282,19 @@ def submit(
     return subprocess.CompletedProcess(command, returncode, output, "")
 
 
+def executors_ready_seconds(log: Path) -> float | None:
+    """Seconds (whole, from the driver log's timestamps) from the SparkContext's start to the
+    scheduler's "ready": the wait for the cluster's executors to launch and register."""
+    stamps = {}
+    for line in _tail(log, 10**9).splitlines():
+        found = re.match(r"(\d\d/\d\d/\d\d \d\d:\d\d:\d\d) INFO .*(Running Spark version|ready for scheduling)", line)
+        if found and found.group(2) not in stamps:
+            stamps[found.group(2)] = datetime.strptime(found.group(1), "%y/%m/%d %H:%M:%S")
+    if len(stamps) < 2:
+        return None
+    return (stamps["ready for scheduling"] - stamps["Running Spark version"]).total_seconds()
+
+
 def aggregate_once(
     master: str,
     store_url: str,
@@ -283,7 +307,8 @@ def aggregate_once(
     clear_outputs(store_url, round_id)
     before = cluster.app_dirs() if cluster else set()
     t0 = time.perf_counter()
-    done = submit(master, store_url, round_id, log, *extra)
+    cores = cluster.workers * cluster.cores if cluster else None
+    done = submit(master, store_url, round_id, log, *extra, cluster_cores=cores)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"aggregate.py on {master} exited {done.returncode}:\n{done.stdout[-4000:]}")
@@ -303,7 +328,8 @@ def aggregate_once(
         "candidate_sha256": digest.hexdigest(),
         "report_candidate_sha256": report.candidate_sha256,
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-        "executors": StandaloneCluster.executors(cluster.app_dirs() - before) if cluster else {"driver": -1},
+        "executors": StandaloneCluster.executors(cluster.app_dirs() - before) if cluster else {},
+        "executors_ready_s": executors_ready_seconds(log) if cluster else None,
     }
 
 
@@ -348,14 +374,18 @@ def run(args: argparse.Namespace) -> dict:
             "master": mine[0]["master"],
             "seconds": [r["seconds"] for r in mine],
             "median_s": statistics.median(r["seconds"] for r in mine),
+            # the job's own phases, whatever it names them (its report's timings; total_s last)
             "phases_median_s": {
                 k: statistics.median(r["timings"][k] for r in mine)
-                for k in ("validate_s", "aggregate_s", "write_s", "total_s")
+                for k in sorted(mine[0]["timings"], key=lambda k: k == "total_s")
                 if all(k in r["timings"] for r in mine)
             },
             "shards": mine[0]["engine"].get("shards"),
             "executors": mine[-1]["executors"],
         }
+        if name == "cluster":
+            ready = [r["executors_ready_s"] for r in mine if r["executors_ready_s"] is not None]
+            summary[name]["executors_ready_median_s"] = statistics.median(ready) if ready else None
     data = {
         "n": args.n,
         "model_parameters": NUM_PARAMETERS,
@@ -379,8 +409,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def render(data: dict) -> str:
     c, local = data["results"]["cluster"], data["results"]["local"]
-    executors = c["executors"]
-    tasks = ", ".join(f"{n}: {t}" for n, t in executors.items())
+    tasks = ", ".join(f"{n}: {t}" for n, t in c["executors"].items())
+    phases = [k for k in c["phases_median_s"] if k in local["phases_median_s"]]
     lines = [
         "## Aggregation on a Spark standalone cluster",
         "",
@@ -390,26 +420,37 @@ def render(data: dict) -> str:
         f"{data['cluster']['worker_memory']} each, started from the pyspark wheel's classes on 127.0.0.1) and on "
         f"`local[*]`, alternating, medians of {data['repeats']} run(s) each, {data['cpu_count']} cores, Spark "
         f"{data['spark_version']} (`python -m tests.benchmarks.run --only cluster`). The candidate and the "
-        "aggregation report are deleted before every run.",
+        "aggregation report are deleted before every run. Phase columns are the job's own timings from its "
+        'aggregation report; "outside the job" is end to end minus the job\'s total (JVM and session start, '
+        "on the cluster also launching the executors).",
         "",
-        "| master | end to end s | validate s | aggregate s | write s | in the job s | shards |",
-        "|---|---|---|---|---|---|---|",
+        "| master | end to end s | outside the job s | "
+        + " | ".join(f"{k.removesuffix('_s')} s" for k in phases)
+        + " | shards |",
+        "|---|---|---|" + "---|" * len(phases) + "---|",
     ]
-    for label, r in (("standalone cluster (2 executors)", c), ("`local[*]`", local)):
+    for label, r in ((f"standalone cluster ({len(c['executors'])} executors)", c), ("`local[*]`", local)):
         p = r["phases_median_s"]
-        cells = " | ".join(
-            f"{p[k]:.1f}" if k in p else "—" for k in ("validate_s", "aggregate_s", "write_s", "total_s")
-        )
-        lines.append(f"| {label} | {r['median_s']:.1f} | {cells} | {r['shards']} |")
+        outside = f"{r['median_s'] - p['total_s']:.1f}" if "total_s" in p else "—"
+        cells = " | ".join(f"{p[k]:.1f}" for k in phases)
+        lines.append(f"| {label} | {r['median_s']:.1f} | {outside} | {cells} | {r['shards']} |")
     equal = data["bytes_equal"] and data["manifests_equal"]
+    ready = c.get("executors_ready_median_s")
     lines += [
         "",
         f"Candidate bytes **{'identical' if data['bytes_equal'] else 'DIFFERENT'}** in every run "
         f"(sha256 `{data['candidate_sha256'][:16]}…`), candidate manifests "
         f"{'identical' if data['manifests_equal'] else 'different'}"
         + (": the job is cluster-ready." if equal else ".")
-        + f" Executors of the last cluster run and the Spark tasks each ran: {tasks}. Cluster start (master up, "
-        f"both workers registered): {data['cluster']['start_s']:.1f} s, not counted above.",
+        + f" Executors of the last cluster run and the Spark tasks each ran: {tasks}."
+        + (
+            f" On the cluster the driver waited {ready:.0f} s (median, driver log) for both executors to launch "
+            "and register before scheduling anything."
+            if ready is not None
+            else ""
+        )
+        + f" Cluster start (master up, both workers registered): {data['cluster']['start_s']:.1f} s, not counted "
+        "above.",
         "",
     ]
     return "\n".join(lines)

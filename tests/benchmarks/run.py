@@ -108,7 +108,9 @@ def render_aggregate(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["client", "aggregate", "dp", "secagg", "ui"], help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=["client", "aggregate", "dp", "cluster", "secagg", "ui"], help="run one benchmark"
+    )
     parser.add_argument("--secagg-n", default="10,50,100,200", help="secure aggregation: numbers of clients")
     parser.add_argument("--dp-n", type=int, default=64, help="differential privacy: updates aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
@@ -138,6 +140,14 @@ def main() -> None:
                 n=args.dp_n, repeats=args.repeats, data_dir=str(Path(__file__).resolve().parents[2] / "bench-data")
             )
         )
+    if args.only in (None, "cluster"):
+        from tests.benchmarks import bench_cluster
+
+        bench_cluster.run(
+            argparse.Namespace(
+                n=8, repeats=args.repeats, data_dir=str(Path(__file__).resolve().parents[2] / "bench-data")
+            )
+        )
     if args.only in (None, "secagg"):
         from tests.benchmarks import bench_secagg
 
@@ -154,6 +164,11 @@ def main() -> None:
         from tests.benchmarks.bench_dp import render as render_dp
 
         sections.append(render_dp(json.loads(dp_json.read_text())))
+    cluster_json = DOCS / "benchmarks" / "cluster.json"
+    if cluster_json.exists():
+        from tests.benchmarks.bench_cluster import render as render_cluster
+
+        sections.append(render_cluster(json.loads(cluster_json.read_text())))
     secagg_json = DOCS / "benchmarks" / "secagg.json"
     if secagg_json.exists():
         from tests.benchmarks.bench_secagg import render as render_secagg
