@@ -9,15 +9,18 @@ One run of this DAG is one federated round:
    `[secure_aggregation] enabled` the updates are masked and the wait is phase 3 of four:
    **wait_for_keys** (then the setup is published), **wait_for_shares** (then the shares are
    routed), **wait_for_updates**, **wait_for_unmask** (docs/privacy.md);
-3. **aggregate** the frozen updates with the Spark job (`spark_jobs/aggregate.py`);
-4. only when the gate uses federated evaluation (`[gate] source = "federated"` or `"both"`):
-   **request_evaluation** publishes the candidate for clients to score on their own data, and
-   **wait_for_evaluations** waits for their scores (its own quorum and deadline, `[evaluation]`);
-5. **evaluate** the candidate against its base (`spark_jobs/evaluate.py`): on the server's
-   validation split if it holds one, the test split (reported only), and the clients' pooled scores;
-6. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`):
+3. **aggregate** the frozen updates with Spark and **evaluate** the candidate against its base: on
+   the server's validation split if it holds one, the test split (reported only), and the clients'
+   pooled scores. With the default `[gate] source = "holdout"` both run in ONE Spark application,
+   the `aggregate` step (`spark_jobs/aggregate_evaluate.py`: one JVM start, one Dataproc job);
+4. only when the gate uses federated evaluation (`[gate] source = "federated"` or `"both"`) the
+   two are separate steps, `aggregate` (`spark_jobs/aggregate.py`), then **request_evaluation**
+   publishes the candidate for clients to score on their own data, **wait_for_evaluations** waits
+   for their scores (its own quorum and deadline, `[evaluation]`), then `evaluate`
+   (`spark_jobs/evaluate.py`);
+5. **promote** the candidate if the gate passes (compare-and-swap on `models/current.json`):
    *success* = the pointer moved (and the current-model Asset gets an event), *skipped* = it did not;
-7. **report** (a teardown: it runs even when a step failed): `rounds/<round>/report.json` and a
+6. **report** (a teardown: it runs even when a step failed): `rounds/<round>/report.json` and a
    summary in the task log.
 
 Trigger a round by hand with parameters (unknown keys and invalid values fail the publish step):
@@ -70,10 +73,11 @@ def dataproc_steps(
     """create cluster -> aggregate -> [scoring_steps] -> evaluate on ephemeral Dataproc clusters, each
     deleted as a teardown (a failed job still fails the run, and the cluster is still deleted).
 
-    Without ``scoring_steps`` one cluster runs both jobs. With them (federated evaluation: clients
-    score the candidate for up to ``[evaluation] deadline_seconds``), the aggregation cluster is
-    deleted before the wait and a second one (name suffix ``-e``) runs the evaluation: nothing
-    bills, or hits the cluster's idle TTL, while clients score.
+    Without ``scoring_steps`` one cluster runs ONE job, ``aggregate_evaluate.py`` (task ``aggregate``):
+    one Spark application does both. With them (federated evaluation: clients score the candidate
+    for up to ``[evaluation] deadline_seconds``), the aggregation cluster is deleted before the
+    wait and a second one (name suffix ``-e``) runs the evaluation: nothing bills, or hits the
+    cluster's idle TTL, while clients score.
     """
     from airflow.providers.google.cloud.operators.dataproc import (
         DataprocCreateClusterOperator,
@@ -90,8 +94,9 @@ def dataproc_steps(
     labels = {"app": "fedbucket", "fedbucket-round": round_label, **dataproc.labels}
     where = {"project_id": dataproc.project_id, "region": dataproc.region}
 
-    def cluster(suffix: str, jobs: list[tuple[str, str, list[str]]]) -> list:
-        """create -> the jobs in order (task id, job file, args), the delete as the create's teardown."""
+    def cluster(suffix: str, jobs: list[tuple[str, str, list[str], tuple[str, ...]]]) -> list:
+        """create -> the jobs in order (task id, job file, args, sibling modules it imports), the
+        delete as the create's teardown."""
         name = cluster_name_template(suffix)
         create = DataprocCreateClusterOperator(
             task_id=f"create_cluster{suffix.replace('-', '_')}",
@@ -113,11 +118,12 @@ def dataproc_steps(
                     job_file=job_file,
                     args=args,
                     labels=labels,
+                    modules=modules,
                 ),
                 deferrable=True,
                 **where,
             )
-            for task_id, job_file, args in jobs
+            for task_id, job_file, args, modules in jobs
         ]
         delete = DataprocDeleteClusterOperator(
             task_id=f"delete_cluster{suffix.replace('-', '_')}", cluster_name=name, deferrable=True, **where
@@ -126,10 +132,12 @@ def dataproc_steps(
         return [create, *steps]
 
     # On Dataproc any non-zero exit is a failed job: below quorum exits 0 and the report says so.
-    aggregate = ("aggregate", "aggregate.py", [*aggregate_args, "--below-quorum-exit-code", "0"])
-    evaluate = ("evaluate", "evaluate.py", evaluate_args)
+    below_quorum_ok = ["--below-quorum-exit-code", "0"]
     if not scoring_steps:
-        return cluster("", [aggregate, evaluate])
+        both = [*aggregate_args, *below_quorum_ok, *evaluate_args[4:]]  # the evaluation's own options
+        return cluster("", [("aggregate", "aggregate_evaluate.py", both, ("aggregate.py",))])
+    aggregate = ("aggregate", "aggregate.py", [*aggregate_args, *below_quorum_ok], ())
+    evaluate = ("evaluate", "evaluate.py", evaluate_args, ())
     return [*cluster("", [aggregate]), *scoring_steps, *cluster("-e", [evaluate])]
 
 
@@ -173,7 +181,7 @@ with DAG(
         *("--min-clients", run_setting("['aggregation_quorum']")),
         *("--privacy", run_setting("['privacy'] | tojson")),
     ]
-    evaluate_args = [
+    evaluate_args = [  # the first four (bucket and round) are aggregate_args' too
         *("--bucket", config.bucket, "--round", run_setting("['round_id']")),
         *("--metric", run_setting("['gate']['metric']")),
     ]
@@ -197,18 +205,30 @@ with DAG(
             "driver_memory": config.aggregation.spark_driver_memory,
             "spark_submit": config.aggregation.spark_submit,
         }
-        aggregate = LocalSparkSubmitOperator(
-            task_id="aggregate",
-            application=str(SPARK_JOBS / "aggregate.py"),
-            application_args=aggregate_args,
-            skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
-            key_connection=config.privacy.key_connection,
-            **spark,
-        )
-        evaluate = LocalSparkSubmitOperator(
-            task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
-        )
-        spark_steps = [aggregate, *scoring_steps, evaluate]
+        if scoring_steps:
+            aggregate = LocalSparkSubmitOperator(
+                task_id="aggregate",
+                application=str(SPARK_JOBS / "aggregate.py"),
+                application_args=aggregate_args,
+                skip_exit_codes=[3],  # below quorum once invalid updates are rejected: abandon the round
+                key_connection=config.privacy.key_connection,
+                **spark,
+            )
+            evaluate = LocalSparkSubmitOperator(
+                task_id="evaluate", application=str(SPARK_JOBS / "evaluate.py"), application_args=evaluate_args, **spark
+            )
+            spark_steps = [aggregate, *scoring_steps, evaluate]
+        else:  # nothing between them: one Spark application (one JVM start) aggregates, then evaluates
+            spark_steps = [
+                LocalSparkSubmitOperator(
+                    task_id="aggregate",
+                    application=str(SPARK_JOBS / "aggregate_evaluate.py"),
+                    application_args=[*aggregate_args, *evaluate_args[4:]],  # the evaluation's own options
+                    skip_exit_codes=[3],  # below quorum: abandon the round (nothing to evaluate)
+                    key_connection=config.privacy.key_connection,
+                    **spark,
+                )
+            ]
     promote = PromoteCandidateOperator(
         task_id="promote", settings=settings, outlets=[current_model_asset(config.bucket)]
     )

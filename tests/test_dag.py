@@ -258,8 +258,10 @@ def test_dagbag_parses_fast_without_import_errors(airflow_home, tmp_path):
     assert bag.import_errors == {}
     dag = bag.get_dag("fedbucket_round")
     assert [t.task_id for t in dag.tasks] == [
-        "publish", "wait_for_updates", "aggregate", "evaluate", "promote", "report",
+        "publish", "wait_for_updates", "aggregate", "promote", "report",
     ]  # fmt: skip
+    # gate.source = "holdout": one Spark application aggregates, then evaluates
+    assert dag.task_dict["aggregate"].application.endswith("spark_jobs/aggregate_evaluate.py")
     assert dag.max_active_runs == 1
     # no torch or pyspark at parse time
     parse = subprocess.run(
@@ -352,7 +354,7 @@ def test_failed_aggregate_is_retried(federation, tmp_path):
             f"""\
             #!/usr/bin/env bash
             # fails the first aggregation attempt, as a preempted cluster would
-            if [[ "$*" == *aggregate.py* && ! -e {marker} ]]; then
+            if [[ "$*" == *spark_jobs/aggregate* && ! -e {marker} ]]; then
               touch {marker}; echo "simulated crash" >&2; exit 1
             fi
             exec {Path(sys.executable).parent / "spark-submit"} "$@"
@@ -369,7 +371,7 @@ def test_failed_aggregate_is_retried(federation, tmp_path):
 
     with create_session() as session:
         tries = {ti.task_id: ti.try_number for ti in run.get_task_instances(session=session)}
-    assert tries["aggregate"] == 2 and tries["evaluate"] == 1
+    assert tries["aggregate"] == 2 and tries["promote"] == 1
     assert report_of(store, "round-retry").status == "promoted"
 
 

@@ -54,17 +54,16 @@ def load_gcp_dag(tmp_path, *extra: str):
 def test_wiring_and_teardown(gcp_dag):
     tasks = gcp_dag.task_dict
     assert set(tasks) == {
-        "publish", "wait_for_updates", "create_cluster", "aggregate", "evaluate", "delete_cluster", "promote", "report",
+        "publish", "wait_for_updates", "create_cluster", "aggregate", "delete_cluster", "promote", "report",
     }  # fmt: skip
     assert tasks["wait_for_updates"].downstream_task_ids == {"create_cluster"}
     assert tasks["create_cluster"].downstream_task_ids >= {"aggregate"}
-    assert tasks["aggregate"].downstream_task_ids == {"evaluate"}
-    assert tasks["evaluate"].downstream_task_ids == {"promote", "delete_cluster"}
+    assert tasks["aggregate"].downstream_task_ids == {"promote", "delete_cluster"}  # one job: aggregate, evaluate
     delete = tasks["delete_cluster"]
     assert delete.is_teardown and not tasks["create_cluster"].is_teardown and tasks["create_cluster"].is_setup
     assert "create_cluster" in delete.upstream_task_ids  # teardown bound to its setup
     assert not delete.downstream_task_ids  # a teardown leaf: a failed job still fails the run
-    for task_id in ("create_cluster", "aggregate", "evaluate", "delete_cluster"):
+    for task_id in ("create_cluster", "aggregate", "delete_cluster"):
         assert tasks[task_id].deferrable is True, task_id
 
 
@@ -99,21 +98,30 @@ def test_cluster_is_exactly_terraforms(gcp_dag):
     assert _clean(hcl2.loads(text))  # and the file parses
 
 
-def test_job_specs(gcp_dag):
-    aggregate, evaluate = gcp_dag.task_dict["aggregate"], gcp_dag.task_dict["evaluate"]
+def test_job_specs(gcp_dag, airflow_home, tmp_path):
     root = "gs://my-org-fedbucket-artifacts/fedbucket/0.1.0"
-    for task, job_file in ((aggregate, "aggregate.py"), (evaluate, "evaluate.py")):
+    aggregate = gcp_dag.task_dict["aggregate"]  # holdout gate: ONE job aggregates, then evaluates
+    spec = aggregate.job["pyspark_job"]
+    assert spec["main_python_file_uri"] == f"{root}/spark_jobs/aggregate_evaluate.py"
+    assert spec["python_file_uris"] == [f"{root}/spark_jobs/_spark.py", f"{root}/spark_jobs/aggregate.py"]
+    assert "--metric" in spec["args"] and spec["args"].count("--bucket") == 1
+    federated = load_gcp_dag(tmp_path, "[gate]", 'source = "federated"')  # clients score in between: two jobs
+    for task, job_file in (
+        (federated.task_dict["aggregate"], "aggregate.py"),
+        (federated.task_dict["evaluate"], "evaluate.py"),
+    ):
         spec = task.job["pyspark_job"]
         assert spec["main_python_file_uri"] == f"{root}/spark_jobs/{job_file}"
         assert spec["python_file_uris"] == [f"{root}/spark_jobs/_spark.py"]
-        assert task.job["placement"]["cluster_name"] == gcp_dag.task_dict["create_cluster"].cluster_name
+    assert aggregate.job["placement"]["cluster_name"] == gcp_dag.task_dict["create_cluster"].cluster_name
+    for task in (aggregate, federated.task_dict["evaluate"]):
         assert task.job["reference"]["project_id"] == "my-fl-project"
         assert task.job["labels"]["app"] == "fedbucket"
     args = aggregate.job["pyspark_job"]["args"]
     assert args[:2] == ["--bucket", "gs://my-org-fedbucket/prod"]
     assert args[args.index("--below-quorum-exit-code") + 1] == "0"
     assert "strategy" in args[args.index("--strategy") + 1]
-    assert evaluate.job["pyspark_job"]["args"][:2] == ["--bucket", "gs://my-org-fedbucket/prod"]
+    assert federated.task_dict["evaluate"].job["pyspark_job"]["args"][:2] == ["--bucket", "gs://my-org-fedbucket/prod"]
 
 
 def test_cluster_names_are_valid_and_unique_per_run():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -26,16 +27,27 @@ def cluster_name_template(suffix: str = "") -> str:
 
 
 def pyspark_job(
-    *, project_id: str, cluster_name: str, artifacts_root: str, job_file: str, args: list[str], labels: dict[str, str]
+    *,
+    project_id: str,
+    cluster_name: str,
+    artifacts_root: str,
+    job_file: str,
+    args: list[str],
+    labels: dict[str, str],
+    modules: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A Dataproc ``Job`` running one of ``spark_jobs/`` from the versioned artifacts."""
+    """A Dataproc ``Job`` running one of ``spark_jobs/`` from the versioned artifacts.
+
+    ``_spark.py`` is always shipped with it; ``modules`` are the other ``spark_jobs/`` files the
+    job imports (``aggregate_evaluate.py`` takes ``aggregate.py``'s parser).
+    """
     return {
         "reference": {"project_id": project_id},
         "placement": {"cluster_name": cluster_name},
         "labels": labels,
         "pyspark_job": {
             "main_python_file_uri": f"{artifacts_root}/spark_jobs/{job_file}",
-            "python_file_uris": [f"{artifacts_root}/spark_jobs/_spark.py"],
+            "python_file_uris": [f"{artifacts_root}/spark_jobs/{name}" for name in ("_spark.py", *modules)],
             "args": args,
         },
     }
