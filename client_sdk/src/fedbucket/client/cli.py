@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedbucket.client.sdk import Client
+from fedbucket.client.sdk import Client, Progress
 from fedbucket.protocol.documents import ModelManifest, ModelPointer, read_document, read_optional, utcnow
 from fedbucket.protocol.errors import ConfigError, InvalidIdentifier, RoundNotOpen
 from fedbucket.protocol.layout import check_identifier
@@ -26,11 +26,30 @@ from fedbucket.protocol.tensors import load_tensors
 EXIT_OK, EXIT_NO_ROUND = 0, 3
 
 
-def _progress_bar(total: int, description: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+_PHASE_LABELS = {
+    "download": "download",
+    "delta": "delta + validate",
+    "validate": "validate",
+    "upload": "upload",
+}
+
+
+def _progress_bar(label: str) -> tuple[Progress, Callable[[], None]]:
+    """A progress bar on stderr that follows the SDK's phases: it restarts for each phase and says
+    which one it shows (``<label>: upload``)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
-    return bar.update, bar.close
+    bar = tqdm(total=0, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    current = [""]
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase != current[0]:
+            current[0] = phase
+            bar.reset(total=total)
+            bar.set_description(f"{label}: {_PHASE_LABELS.get(phase, phase)}")
+        bar.update(done - bar.n)
+
+    return update, bar.close
 
 
 def open_client(args: argparse.Namespace) -> Client:
@@ -131,7 +150,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 raise RoundNotOpen("no open round; pass --version to fetch a specific model")
             version = task.base_model_version
         manifest, _ = read_document(client.store, client.layout.model_manifest(version), ModelManifest)
-        update, close = _progress_bar(manifest.size_bytes, f"model {version}") if not args.quiet else (None, None)
+        update, close = _progress_bar(f"model {version}") if not args.quiet else (None, None)
         try:
             cached = client.fetch_model_file(version, progress=update)
         finally:
@@ -163,7 +182,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         task = client.current_round()
         if task is None:
             raise RoundNotOpen("no open round to submit to (fedbucket status shows when one opens)")
-        update, close = _progress_bar(path.stat().st_size, "upload") if not args.quiet else (None, None)
+        update, close = _progress_bar("update") if not args.quiet else (None, None)
         try:
             if args.delta:
                 manifest = client.submit_file(

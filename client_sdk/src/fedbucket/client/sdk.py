@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,7 +41,6 @@ from fedbucket.protocol.documents import (
     describe_validation_error,
     read_document,
     read_optional,
-    sha256_file,
     utcnow,
 )
 from fedbucket.protocol.errors import (
@@ -54,12 +54,63 @@ from fedbucket.protocol.errors import (
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout, check_identifier
 from fedbucket.protocol.secagg import update_schema
-from fedbucket.protocol.storage import ObjectStore, ProgressCallback, open_store
-from fedbucket.protocol.tensors import NUMPY_DTYPES, load_tensors, save_tensors
-from fedbucket.protocol.validation import check_payload
+from fedbucket.protocol.storage import ObjectStore, open_store
+from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, dtype_name, load_tensors, plan_safetensors
+from fedbucket.protocol.validation import PayloadSummary, check_payload
 
 StateDict = Mapping[str, Any]
 """A state dict: names to numpy arrays or torch tensors."""
+
+Progress = Callable[[str, int, int], None]
+"""Told how a fetch or a submit advances: ``progress(phase, done, total)`` in bytes of that phase.
+
+Phases, in the order they run: ``"download"`` (the model, sha256 computed as it arrives; skipped
+when the version is cached), ``"delta"`` (``submit``: trained minus base, computed, hashed and
+validated in one pass), ``"validate"`` (``submit_file``: the delta file checked), ``"upload"``.
+Each phase starts with ``done == 0``; ``done`` never decreases (a retried transfer does not move it
+twice) and ends at ``total``.
+"""
+
+
+class _PhaseProgress:
+    """A storage progress callback (byte increments, negative on a rewind) for one phase, turned
+    into monotonic ``(phase, done, total)`` reports."""
+
+    def __init__(self, progress: Progress, phase: str, total: int) -> None:
+        self._progress, self._phase, self._total = progress, phase, total
+        self._position = self._done = 0
+        progress(phase, 0, total)
+
+    def __call__(self, n: int) -> None:
+        self._position += n
+        done = min(self._total, self._position)
+        if done > self._done:
+            self._done = done
+            self._progress(self._phase, done, self._total)
+
+    def finish(self) -> None:
+        """Report the phase complete (a transfer skipped because the bytes are already there)."""
+        self(self._total - self._position)
+
+
+def _phase(progress: Progress | None, phase: str, total: int) -> _PhaseProgress | None:
+    return _PhaseProgress(progress, phase, total) if progress is not None else None
+
+
+class _ProgressReader(io.RawIOBase):
+    """A reader that reports what is read from it (the validator's pass over a file)."""
+
+    def __init__(self, raw: io.BufferedIOBase, progress: _PhaseProgress) -> None:
+        super().__init__()
+        self._raw, self._progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self._raw.readinto(buffer)
+        self._progress(n)
+        return n
 
 
 def upload_update(
@@ -71,7 +122,7 @@ def upload_update(
     num_examples: int,
     metrics: Mapping[str, float] | None = None,
     layout: BucketLayout = LAYOUT,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     check_deadline: bool = True,
 ) -> UpdateManifest:
     """Validate a local safetensors delta exactly as the server will, then commit it.
@@ -83,21 +134,97 @@ def upload_update(
     and :class:`RoundNotOpen` past the deadline (unless ``check_deadline=False``, which only the
     straggler simulation uses: the server judges lateness on its own clock anyway).
     """
+    _check_can_upload(task, client_id, check_deadline=check_deadline)
+    size = Path(payload_path).stat().st_size
+    with open(payload_path, "rb") as fp:
+        validating = _phase(progress, "validate", size)
+        summary = check_payload(
+            _ProgressReader(fp, validating) if validating else fp,
+            size,
+            schema=update_schema(task),
+            max_bytes=task.max_update_bytes,
+            max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
+        )
+    uploading = _phase(progress, "upload", size)
+    return _commit_update(
+        store,
+        task,
+        client_id,
+        summary,
+        lambda name: store.upload_file(name, payload_path, if_generation_match=0, progress=uploading),
+        uploading,
+        num_examples=num_examples,
+        metrics=metrics,
+        layout=layout,
+    )
+
+
+def upload_delta(
+    store: ObjectStore,
+    task: RoundTask,
+    client_id: str,
+    trained: StateDict,
+    base: Mapping[str, np.ndarray],
+    *,
+    num_examples: int,
+    metrics: Mapping[str, float] | None = None,
+    layout: BucketLayout = LAYOUT,
+    progress: Progress | None = None,
+) -> UpdateManifest:
+    """:func:`upload_update` of ``trained - base`` without a file: the delta is computed, hashed and
+    validated (by the server's validator, :func:`~fedbucket.protocol.validation.check_payload`) in
+    one streaming pass into one buffer, which is then uploaded as it is. The same bytes, checks and
+    errors as ``save_tensors(compute_delta(trained, base), path)`` then :func:`upload_update`.
+    """
+    arrays = _trained_arrays(trained, base)
+    _check_can_upload(task, client_id, check_deadline=True)
+    reader = _DeltaReader(arrays, base)
+    computing = _phase(progress, "delta", reader.size)
+    summary = check_payload(
+        _ProgressReader(reader, computing) if computing else reader,
+        reader.size,
+        schema=update_schema(task),
+        max_bytes=task.max_update_bytes,
+        max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
+    )
+    payload = reader.payload
+    uploading = _phase(progress, "upload", reader.size)
+    return _commit_update(
+        store,
+        task,
+        client_id,
+        summary,
+        lambda name: store.upload_buffer(name, payload, if_generation_match=0, progress=uploading),
+        uploading,
+        num_examples=num_examples,
+        metrics=metrics,
+        layout=layout,
+    )
+
+
+def _check_can_upload(task: RoundTask, client_id: str, *, check_deadline: bool) -> None:
     check_identifier(client_id, "client id")
     if check_deadline and utcnow() > task.deadline:
         raise RoundNotOpen(
             f"round {task.round_id} stopped taking updates at {task.deadline.isoformat()}; "
             "wait for the next round (fedbucket status)"
         )
-    size = Path(payload_path).stat().st_size
-    with open(payload_path, "rb") as fp:
-        summary = check_payload(
-            fp,
-            size,
-            schema=update_schema(task),
-            max_bytes=task.max_update_bytes,
-            max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
-        )
+
+
+def _commit_update(
+    store: ObjectStore,
+    task: RoundTask,
+    client_id: str,
+    summary: PayloadSummary,
+    upload: Callable[[str], object],
+    uploading: _PhaseProgress | None,
+    *,
+    num_examples: int,
+    metrics: Mapping[str, float] | None,
+    layout: BucketLayout,
+) -> UpdateManifest:
+    """Upload a validated payload under its content-addressed name, then its manifest."""
+    size = summary.size
     try:  # built (and so checked) before anything is uploaded
         manifest = UpdateManifest(
             client_id=client_id,
@@ -114,7 +241,9 @@ def upload_update(
     payload_name = layout.update_payload(client_id, task.round_id, summary.sha256)
     # A content-addressed name that already exists holds these very bytes: nothing to upload.
     with contextlib.suppress(PreconditionFailed):
-        store.upload_file(payload_name, payload_path, if_generation_match=0, progress=progress)
+        upload(payload_name)
+    if uploading is not None:
+        uploading.finish()
     store.put_bytes(layout.update_manifest(client_id, task.round_id), manifest.to_json_bytes())
     return manifest
 
@@ -133,16 +262,89 @@ def compute_delta(trained: StateDict, base: Mapping[str, np.ndarray]) -> dict[st
     ``trained`` bit for bit whenever that difference is exactly representable — which holds for
     the small steps of local training (tests/test_client.py checks it on real training).
     """
+    delta = {}
+    for name, value in _trained_arrays(trained, base).items():
+        base_value = base[name]
+        delta[name] = np.subtract(value.astype(base_value.dtype, copy=False), base_value, dtype=base_value.dtype)
+    return delta
+
+
+def _trained_arrays(trained: StateDict, base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``trained`` as numpy arrays, checked to have the base's names and shapes (:class:`SchemaMismatch`)."""
     missing, extra = sorted(set(base) - set(trained)), sorted(set(trained) - set(base))
     if missing or extra:
         raise SchemaMismatch(f"trained state dict differs from the base model: missing {missing}, unexpected {extra}")
-    delta = {}
+    arrays = {}
     for name, base_value in base.items():
         value = to_numpy(trained[name])
         if value.shape != base_value.shape:
             raise SchemaMismatch(f"{name}: trained shape {list(value.shape)} != base shape {list(base_value.shape)}")
-        delta[name] = np.subtract(value.astype(base_value.dtype, copy=False), base_value, dtype=base_value.dtype)
-    return delta
+        arrays[name] = value
+    return arrays
+
+
+class _DeltaReader(io.RawIOBase):
+    """The safetensors payload of ``trained - base``, computed as it is read.
+
+    Read sequentially (by the validator), it computes each piece of the delta into one buffer of
+    the payload's size — the bytes that will be uploaded — and hands the validator a copy of the
+    piece: the delta is computed, hashed and checked in one pass, in pieces of the validator's
+    size, and never serialised again. Every delta element is ``trained`` cast to the base's dtype
+    minus ``base`` in that dtype, exactly as :func:`compute_delta`, laid out as
+    :func:`~fedbucket.protocol.tensors.tensors_to_bytes` would: the payload is bit for bit the one
+    ``save_tensors(compute_delta(trained, base))`` writes (tests/test_client.py).
+    """
+
+    def __init__(self, trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> None:
+        super().__init__()
+        self.header: Header = plan_safetensors({name: (dtype_name(b), b.shape) for name, b in base.items()})
+        self._tensors = self.header.in_file_order()
+        self.size = self._tensors[-1].end if self._tensors else self.header.data_start
+        self._trained = {name: np.ravel(value) for name, value in trained.items()}  # views when contiguous
+        self._base = {name: value.reshape(-1) for name, value in base.items()}
+        self._payload: bytearray | None = None  # allocated on the first read: after the size check
+        self._position = self._filled = self._index = 0
+
+    @property
+    def payload(self) -> memoryview:
+        """The whole payload; complete once it has been read to the end."""
+        if self._payload is None or self._filled < self.size:
+            raise RuntimeError("the delta payload has not been read to its end yet")
+        return memoryview(self._payload)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self.size - self._position)
+        if n <= 0:
+            return 0
+        end = self._position + n
+        self._compute_upto(end)
+        assert self._payload is not None
+        memoryview(buffer)[:n] = memoryview(self._payload)[self._position : end]
+        self._position = end
+        return n
+
+    def _compute_upto(self, end: int) -> None:
+        if self._payload is None:
+            self._payload = bytearray(self.size)
+            self._payload[: self.header.data_start] = self.header.header_bytes
+            self._filled = self.header.data_start
+        while self._filled < end:
+            info = self._tensors[self._index]
+            if self._filled >= info.end:  # done with it (or empty)
+                self._index += 1
+                continue
+            itemsize = info.np_dtype.itemsize
+            first = (self._filled - info.start) // itemsize
+            stop = -(-(min(end, info.end) - info.start) // itemsize)  # whole elements covering `end`
+            out = np.frombuffer(
+                self._payload, dtype=info.np_dtype, count=stop - first, offset=info.start + first * itemsize
+            )
+            trained, base = self._trained[info.name][first:stop], self._base[info.name][first:stop]
+            np.subtract(trained.astype(base.dtype, copy=False), base, out=out)
+            self._filled = info.start + stop * itemsize
 
 
 def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -230,8 +432,9 @@ class Client:
 
     # -- the global model -----------------------------------------------------------------------
 
-    def fetch_model_file(self, version: str, *, progress: ProgressCallback | None = None) -> Path:
-        """Path of model ``version`` in the local cache, downloaded and sha256-verified if needed."""
+    def fetch_model_file(self, version: str, *, progress: Progress | None = None) -> Path:
+        """Path of model ``version`` in the local cache, downloaded and sha256-verified if needed
+        (the sha256 is computed as the bytes arrive; a file that fails it never enters the cache)."""
         manifest, _ = read_document(self.store, self.layout.model_manifest(version), ModelManifest)
         path = self.cache_dir / "models" / f"{version}-{manifest.sha256}.safetensors"
         if path.exists():
@@ -239,8 +442,14 @@ class Client:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             part = Path(tmp) / "model.safetensors"
-            self.store.download_file(self.layout.model_payload(version), part, progress=progress)
-            digest = sha256_file(part)
+            hasher = hashlib.sha256()
+            self.store.download_file(
+                self.layout.model_payload(version),
+                part,
+                progress=_phase(progress, "download", manifest.size_bytes),
+                hasher=hasher,
+            )
+            digest = hasher.hexdigest()
             if digest != manifest.sha256:
                 raise ChecksumMismatch(
                     f"model {version} downloaded with sha256 {digest}, its manifest says {manifest.sha256}; "
@@ -249,9 +458,11 @@ class Client:
             part.replace(path)
         return path
 
-    def fetch_model(self, task: RoundTask, *, as_numpy: bool = False) -> dict[str, Any]:
+    def fetch_model(
+        self, task: RoundTask, *, as_numpy: bool = False, progress: Progress | None = None
+    ) -> dict[str, Any]:
         """The round's base model as a state dict (torch tensors if torch is installed)."""
-        path = self.fetch_model_file(task.base_model_version)
+        path = self.fetch_model_file(task.base_model_version, progress=progress)
         if task.base_model_sha256 not in path.name:
             raise ChecksumMismatch(f"round {task.round_id} names base sha256 {task.base_model_sha256}, not {path.name}")
         arrays = load_tensors(path)
@@ -267,8 +478,9 @@ class Client:
         """The candidate an evaluation task asks to score, sha256-verified (numpy arrays)."""
         with tempfile.TemporaryDirectory() as tmp:
             part = Path(tmp) / "candidate.safetensors"
-            self.store.download_file(self.layout.candidate_payload(task.round_id), part)
-            digest = sha256_file(part)
+            hasher = hashlib.sha256()
+            self.store.download_file(self.layout.candidate_payload(task.round_id), part, hasher=hasher)
+            digest = hasher.hexdigest()
             if digest != task.candidate_sha256:
                 raise ChecksumMismatch(
                     f"candidate of round {task.round_id} downloaded with sha256 {digest}, the evaluation task "
@@ -322,26 +534,34 @@ class Client:
         *,
         num_examples: int,
         metrics: Mapping[str, float] | None = None,
-        progress: ProgressCallback | None = None,
+        progress: Progress | None = None,
     ) -> UpdateManifest:
         """Send ``trained - base`` as this client's update for ``task``.
 
         Resubmitting within a round replaces the earlier update (the last manifest written wins).
         Raises :class:`RoundNotOpen` (closed or past the deadline), :class:`StaleUpdate` (a newer
         round is open), :class:`SchemaMismatch` and the other validation errors before uploading.
+        ``progress`` is told of the phases ``"delta"`` and ``"upload"`` (see :data:`Progress`).
         """
         self.check_round_open(task)
         base = self.fetch_model(task, as_numpy=True)
         for name, spec in task.tensors.items():
             if name in base and base[name].dtype != NUMPY_DTYPES[spec.dtype]:
                 raise SchemaMismatch(f"{name}: base model dtype differs from the round's schema")
-        delta = compute_delta(trained, base)
         if task.secure_aggregation is not None:
+            delta = compute_delta(trained, base)
             return self._submit_securely(task, delta, num_examples=num_examples, metrics=metrics, progress=progress)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "update.safetensors"
-            save_tensors(delta, path)
-            return self.submit_file(task, path, num_examples=num_examples, metrics=metrics, progress=progress)
+        return upload_delta(
+            self.store,
+            task,
+            self.client_id,
+            trained,
+            base,
+            num_examples=num_examples,
+            metrics=metrics,
+            layout=self.layout,
+            progress=progress,
+        )
 
     def submit_file(
         self,
@@ -350,9 +570,10 @@ class Client:
         *,
         num_examples: int,
         metrics: Mapping[str, float] | None = None,
-        progress: ProgressCallback | None = None,
+        progress: Progress | None = None,
     ) -> UpdateManifest:
-        """Send an already computed delta (a safetensors file) as this client's update."""
+        """Send an already computed delta (a safetensors file) as this client's update
+        (``progress``: phases ``"validate"`` and ``"upload"``)."""
         self.check_round_open(task)
         if task.secure_aggregation is not None:
             delta = load_tensors(delta_path)
@@ -375,7 +596,7 @@ class Client:
         *,
         num_examples: int,
         metrics: Mapping[str, float] | None,
-        progress: ProgressCallback | None,
+        progress: Progress | None,
     ) -> UpdateManifest:
         """A secure-aggregation round's four client phases (docs/protocol.md, "Secure aggregation"):
         blocks until this client has answered the unmasking, or raises if it dropped out."""
@@ -413,4 +634,4 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "apply_delta", "compute_delta", "to_numpy", "upload_update"]
+__all__ = ["Client", "Progress", "apply_delta", "compute_delta", "to_numpy", "upload_delta", "upload_update"]

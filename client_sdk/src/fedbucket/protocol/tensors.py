@@ -164,6 +164,35 @@ def read_header_file(path: str | os.PathLike[str]) -> Header:
         return read_header(f, os.fstat(f.fileno()).st_size)
 
 
+#: The order safetensors lays tensors out in: by dtype, widest alignment first (the reverse of its
+#: ``Dtype`` enum), then by name. Followed so that a payload encoded by :func:`plan_safetensors` is
+#: byte for byte what :func:`tensors_to_bytes` makes of the same arrays (tests/test_protocol.py).
+_SAFETENSORS_DTYPE_RANK = {"I64": 0, "F64": 1, "F32": 2, "U32": 3, "I32": 4, "F16": 5}
+
+
+def plan_safetensors(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> Header:
+    """The header and byte layout of a safetensors file of these tensors (``name -> (dtype,
+    shape)``), before any data exists, so that a payload can be written piece by piece.
+
+    Invariant: the result equals ``read_header`` of ``tensors_to_bytes(arrays)`` for arrays of these
+    dtypes and shapes (same header bytes, same offsets); the file is ``header.data_start +
+    sum(sizes)`` bytes long. No metadata (update payloads carry none).
+    """
+    order = sorted(specs, key=lambda name: (_SAFETENSORS_DTYPE_RANK[specs[name][0]], name.encode()))
+    entries: dict[str, dict[str, object]] = {}
+    position = 0
+    for name in order:
+        dtype, shape = specs[name]
+        size = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
+    # safetensors writes compact JSON (raw UTF-8) padded with spaces to a multiple of 8 bytes.
+    raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return parse_header(prefix, len(prefix) + position)
+
+
 def tensors_to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise numpy arrays to safetensors bytes (deterministic: same arrays, same bytes)."""
     arrays = {}
