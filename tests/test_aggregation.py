@@ -160,25 +160,49 @@ def test_bit_identical_whatever_the_sharding(tmp_path):
     assert len(results) == 2  # one candidate, one state: the same bytes for every shard size
 
 
-def test_rejected_updates_do_not_change_the_result(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_rejected_updates_do_not_change_the_result(tmp_path, strategy):
+    """Validation and aggregation share one pass: a NaN update that passed the close is combined
+    before its check fails; the shards are then combined again without it, and the candidate
+    (and optimiser state) are the bytes of a round that never had it. Nothing half-written stays."""
     from fedbucket import open_store
     from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
 
     deltas, examples = client_deltas(3)
     clean = open_store((tmp_path / "clean").as_uri(), create=True)
     setup_round(clean, tmp_path, deltas, examples)
-    run_aggregation(clean, "r1", build_strategy("fedavg"))
+    assert run_aggregation(clean, "r1", build_strategy(strategy), shard_elements=7).engine["passes"] == 1
 
     dirty = open_store((tmp_path / "dirty").as_uri(), create=True)
     task = setup_round(dirty, tmp_path, deltas, examples)
     rng = np.random.default_rng(0)
     for attack in ("nan", "wrong_shape", "pickle", "truncated"):
         _write_raw_update(dirty, task, f"z-{attack.replace('_', '-')}", _hostile_payload(attack, task, rng), 10**6)
-    report = run_aggregation(dirty, "r1", build_strategy("fedavg"))
+    report = run_aggregation(dirty, "r1", build_strategy(strategy), shard_elements=7)
     rejected = {v.client_id: v.code for v in report.updates if not v.accepted}
     assert set(rejected.values()) == {"non_finite", "schema_mismatch", "malformed_payload"}
     assert len(rejected) == 4
-    assert dirty.get_bytes(LAYOUT.candidate_payload("r1"))[0] == clean.get_bytes(LAYOUT.candidate_payload("r1"))[0]
+    assert report.engine["passes"] == 2 and "recompute_s" in report.timings  # the NaN one was combined first
+    names = [LAYOUT.candidate_payload("r1")] + ([LAYOUT.strategy_state("r1")] if strategy == "fedadam" else [])
+    for name in names:
+        assert dirty.get_bytes(name)[0] == clean.get_bytes(name)[0], name
+    assert not [p for p in (tmp_path / "dirty").rglob(".*assembly*")]
+
+
+def test_one_pass_below_quorum_releases_nothing(tmp_path):
+    """The shards were combined while the checks ran; when the checks leave too few, the
+    half-assembled candidate is dropped, not committed."""
+    from fedbucket import open_store
+    from fedbucket.sim.simulation import _hostile_payload, _write_raw_update
+
+    deltas, examples = client_deltas(2)
+    store = open_store((tmp_path / "b").as_uri(), create=True)
+    task = setup_round(store, tmp_path, deltas, examples)
+    _write_raw_update(store, task, "z-nan", _hostile_payload("nan", task, np.random.default_rng(0)), 10**6)
+    report = run_aggregation(store, "r1", build_strategy("fedavg"), min_clients=3)
+    assert report.status == "below_quorum" and "validate_and_aggregate_s" in report.timings
+    assert not store.exists(LAYOUT.candidate_payload("r1"))
+    assert not [p for p in (tmp_path / "b").rglob(".*assembly*")]
 
 
 def test_robust_strategies_resist_a_poisoned_update(tmp_path):

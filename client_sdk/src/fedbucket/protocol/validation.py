@@ -342,13 +342,17 @@ def precheck_update(
         raise MalformedPayload(f"payload is {payload.size} bytes; the manifest says {manifest.size_bytes}")
     if payload.size > task.max_update_bytes:
         raise UpdateTooLarge(f"payload is {payload.size} bytes; this round accepts at most {task.max_update_bytes}")
-    first8 = store.read_range(payload_name, 0, 8, generation=payload.generation)
-    length = header_length(first8, payload.size)
-    header = parse_header(
-        first8 + store.read_range(payload_name, 8, 8 + length, generation=payload.generation), payload.size
-    )
+    header = read_payload_header(store, payload_name, payload.generation, payload.size)
     check_schema(header, update_schema(task))
     return ClosedUpdate(manifest=manifest, committed_at=committed_at, payload_generation=payload.generation)
+
+
+def read_payload_header(store: ObjectStore, name: str, generation: int, size: int) -> Header:
+    """The safetensors header of one generation of a ``size``-byte payload: two small range reads,
+    never the data (:class:`~fedbucket.protocol.errors.MalformedPayload` if it is not one)."""
+    first8 = store.read_range(name, 0, 8, generation=generation)
+    length = header_length(first8, size)
+    return parse_header(first8 + store.read_range(name, 8, 8 + length, generation=generation), size)
 
 
 def validate_update(

@@ -9,8 +9,15 @@ dtype. Memory per shard is O(shard) for mean-based strategies whatever the numbe
 because every element is computed from the same inputs in the same order, the bytes of the result
 do not depend on the shard size or on how shards are spread over workers.
 
-The candidate file is the base file's header followed by the shards' outputs in shard order;
-the server state file is written the same way (:func:`write_candidate`, :func:`write_state`).
+The candidate file is the base file's header followed by the shards' outputs in shard order,
+and the server state file is laid out the same way (:func:`output_files`). The workers write their
+shards' bytes into both files themselves (assembled objects, see
+:class:`~fedbucket.protocol.storage.Assembly`): the driver never holds the model.
+
+Where no norm decides a weight (no clipping, no central DP, no secure sum), validation and
+aggregation share one pass: the updates' checks run in the same stage as the shards, which combine
+every update that passed the close; if a check fails, the shards are combined again without it.
+Both are the same function of the same inputs, so the bytes equal those of two passes.
 """
 
 from __future__ import annotations
@@ -18,16 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
-import os
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
+from typing import TypeVar
 
 import numpy as np
 
@@ -55,10 +60,10 @@ from fedbucket.protocol.errors import (
     UpdateRejected,
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
-from fedbucket.protocol.secagg import Quantiser, element_offsets
-from fedbucket.protocol.storage import ObjectStore, cached_store
+from fedbucket.protocol.secagg import Quantiser, element_offsets, update_schema
+from fedbucket.protocol.storage import STREAM_CHUNK_BYTES, Assembly, ObjectStore, cached_store
 from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
-from fedbucket.protocol.validation import rejection_verdict, validate_closed
+from fedbucket.protocol.validation import check_schema, read_payload_header, rejection_verdict, validate_closed
 from fedbucket.server.config import PrivacySettings
 from fedbucket.server.engine import Engine, serial_engine
 from fedbucket.server.privacy import (
@@ -82,6 +87,9 @@ from fedbucket.server.secagg import (
     unmask_range,
 )
 from fedbucket.server.strategies import Strategy, build_strategy, integer_mean_step
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 #: Default shard size: 4 Mi elements (16 MiB of float32 per client read, 32 MiB float64 accumulator).
 DEFAULT_SHARD_ELEMENTS = 4 * 1024 * 1024
@@ -141,6 +149,8 @@ class AggregationPlan:
     noise_stddev: float = 0.0
     #: Secure aggregation: the sources are masked inputs; their ring sum is unmasked, then averaged.
     secure: SecureSum | None = None
+    #: Where each shard writes its values (and state); None: :func:`aggregate_shard` only returns them.
+    outputs: ShardOutputs | None = None
 
     def strategy(self) -> Strategy:
         return build_strategy(self.strategy_name, dict(self.strategy_options))
@@ -214,7 +224,22 @@ def _flat(parts: Sequence[np.ndarray], dtype: type = np.float64) -> np.ndarray:
     return np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype=dtype)
 
 
-def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[int, bytes, dict[str, bytes]]:
+def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> int:
+    """Aggregate shard ``index`` and write its values (and server state) where ``plan.outputs``
+    says; returns ``index``. Idempotent: a retried task writes the same bytes again."""
+    assert plan.outputs is not None
+    values, state = shard_values(plan, shard)
+    store = cached_store(plan.store_url)
+    outputs = plan.outputs
+    store.write_part(outputs.candidate, outputs.files.candidate_at[index], values)
+    if outputs.state is not None:
+        for state_name, data in state.items():
+            if data:
+                store.write_part(outputs.state, outputs.files.state_at[state_name][index], data)
+    return index
+
+
+def shard_values(plan: AggregationPlan, shard: Shard) -> tuple[bytes, dict[str, bytes]]:
     """New values (each tensor's dtype, concatenated in piece order) and new server state of one shard."""
     store = cached_store(plan.store_url)
     strategy = plan.strategy()
@@ -285,7 +310,7 @@ def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> tuple[in
             values = np.clip(values, np.iinfo(dtype).min, np.iinfo(dtype).max)
         out += values.astype(dtype).tobytes()
     state_bytes = {name: v.astype(NUMPY_DTYPES[STATE_DTYPE]).tobytes() for name, v in state.items()}
-    return index, bytes(out), state_bytes
+    return bytes(out), state_bytes
 
 
 def _secure_mean(store: ObjectStore, plan: AggregationPlan, secure: SecureSum, pieces: Shard) -> np.ndarray:
@@ -320,10 +345,11 @@ def state_tensor_name(state_name: str, tensor: str) -> str:
     return f"{state_name}/{tensor}"
 
 
-def _write_header(
-    out: BinaryIO, entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors header for ``(name, dtype, shape)`` entries laid out in that order."""
+def safetensors_header(
+    entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """A safetensors header (length prefix included) for ``(name, dtype, shape)`` entries laid out
+    contiguously in that order, padded so the data section is 8-byte aligned as safetensors writes it."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
@@ -331,47 +357,82 @@ def _write_header(
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # data section 8-byte aligned, as safetensors writes it
-    out.write(struct.pack("<Q", len(raw)))
-    out.write(raw)
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
-class _HashingWriter:
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.hasher = raw, hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        self.hasher.update(data)
-        self.raw.write(data)
-
-
-def write_candidate(path: str | os.PathLike[str], base_header: Header, shard_outputs: Iterable[bytes]) -> str:
-    """Write the candidate (the base file's tensors, same order, dtypes and shapes, with the new
-    values); returns its sha256, computed while writing."""
-    with open(path, "wb") as raw:
-        out = _HashingWriter(raw)
-        _write_header(out, ((t.name, t.dtype, t.shape) for t in base_header.in_file_order()))  # type: ignore[arg-type]
-        for data in shard_outputs:
-            out.write(data)
-    return out.hasher.hexdigest()
+def _shard_bytes(shard: Shard, tensors: dict[str, TensorLayout], *, floats_only_as: str | None = None) -> int:
+    """Bytes of a shard's values in the candidate (or, with ``floats_only_as``, of its float pieces
+    in that dtype: the state file)."""
+    total = 0
+    for piece in shard:
+        dtype = tensors[piece.tensor].dtype
+        if floats_only_as is None:
+            total += (piece.stop - piece.start) * NUMPY_DTYPES[dtype].itemsize
+        elif dtype in FLOAT_DTYPES:
+            total += (piece.stop - piece.start) * NUMPY_DTYPES[floats_only_as].itemsize
+    return total
 
 
-def write_state(
-    path: str | os.PathLike[str], base_header: Header, strategy: Strategy, shard_states: Sequence[dict[str, bytes]]
-) -> None:
-    """Server-optimiser state: for each state name, every float tensor in file order, float32.
-    The strategy's name is in the file's metadata, so another strategy never reuses it."""
-    floats = [t for t in base_header.in_file_order() if t.dtype in FLOAT_DTYPES]
-    state_names = strategy.state_names
-    with open(path, "wb") as out:
-        _write_header(
-            out,
-            ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in state_names for t in floats),
+@dataclass(frozen=True)
+class OutputFiles:
+    """The candidate's and the state file's headers and where each shard's bytes go in them."""
+
+    candidate_header: bytes
+    candidate_sizes: tuple[int, ...]
+    candidate_at: tuple[int, ...]
+    state_header: bytes | None
+    state_sizes: tuple[int, ...]
+    state_at: dict[str, tuple[int, ...]]
+
+    @property
+    def candidate_size(self) -> int:
+        return len(self.candidate_header) + sum(self.candidate_sizes)
+
+    @property
+    def state_size(self) -> int:
+        return len(self.state_header or b"") + len(self.state_at) * sum(self.state_sizes)
+
+
+def output_files(base_header: Header, strategy: Strategy, shards: Sequence[Shard]) -> OutputFiles:
+    """Lay out the candidate (the base file's tensors, same order, dtypes and shapes, with the new
+    values: shards in order fill its data section) and the server-optimiser state (for each state
+    name, every float tensor in file order, float32; the strategy named in its metadata so another
+    strategy never reuses it)."""
+    tensors = {n: TensorLayout.of(t) for n, t in base_header.tensors.items()}
+    ordered = base_header.in_file_order()
+    candidate_header = safetensors_header((t.name, t.dtype, t.shape) for t in ordered)  # type: ignore[misc]
+    sizes = tuple(_shard_bytes(shard, tensors) for shard in shards)
+    candidate_at = _starts(len(candidate_header), sizes)
+    state_header, state_sizes, state_at = None, (), {}
+    if strategy.state_names:
+        floats = [t for t in ordered if t.dtype in FLOAT_DTYPES]
+        state_header = safetensors_header(
+            ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in strategy.state_names for t in floats),
             metadata={"strategy": strategy.name},
         )
-        for state_name in state_names:
-            for shard_state in shard_states:
-                out.write(shard_state[state_name])
+        state_sizes = tuple(_shard_bytes(shard, tensors, floats_only_as=STATE_DTYPE) for shard in shards)
+        section = sum(state_sizes)
+        state_at = {
+            name: _starts(len(state_header) + j * section, state_sizes) for j, name in enumerate(strategy.state_names)
+        }
+    return OutputFiles(candidate_header, sizes, candidate_at, state_header, state_sizes, state_at)
+
+
+def _starts(first: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    """Where each of consecutive blocks of ``sizes`` bytes starts, the first at ``first``."""
+    return tuple(itertools.accumulate(sizes[:-1], initial=first)) if sizes else ()
+
+
+@dataclass(frozen=True)
+class ShardOutputs:
+    """Where the shards write their results: the candidate and the server-optimiser state are
+    assembled by the workers themselves (:class:`~fedbucket.protocol.storage.Assembly`), so the
+    driver never holds the model."""
+
+    files: OutputFiles
+    candidate: Assembly
+    state: Assembly | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,71 +546,12 @@ def run_aggregation(
                 store, task, strategy, quorum, closing, secure, "the masked roster and the closing disagree", started,
                 layout, log,
             )  # fmt: skip
-    log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
     exact_norm = strategy.clip_norm is not None or central is not None  # the norm scales the update: deterministic
-    validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
-    accepted = [v for v in validated if v.source is not None]
-    if secure is not None and len(accepted) != len(validated):  # a masked input that fails cannot leave the sum
-        bad = ", ".join(f"{v.verdict.client_id} ({v.verdict.code})" for v in validated if v.source is None)
-        return _abandoned(
-            store, task, strategy, quorum, closing, secure, f"masked input(s) failed validation: {bad}", started,
-            layout, log, verdicts=[v.verdict for v in validated] + refused,
-        )  # fmt: skip
-    total_examples = sum(v.source.examples for v in accepted if v.source is not None)
-    sources = tuple(
-        dataclasses.replace(
-            v.source,
-            # DP: equal weights over the fixed denominator (a client's example count is unbounded)
-            weight=_weight(
-                v.source,
-                total_examples,
-                len(accepted),
-                dp=mechanism.denominator if central else None,
-                secure=secure is not None,
-            ),
-            scale=_dp_clip_scale(mechanism.clip_norm, v.l2_norm)
-            if central is not None
-            else 1.0
-            if secure is not None
-            else strategy.client_scale(v.l2_norm),
-        )
-        for v in accepted
-        if v.source is not None
-    )
-    verdicts = [v.verdict.model_copy(update={"weight": s.weight}) for v, s in zip(accepted, sources, strict=True)]
-    verdicts += [v.verdict for v in validated if v.source is None] + refused + list(closing.late)
-    verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
-    validate_seconds = time.perf_counter() - started
-    for v in verdicts:
-        detail = f"weight {v.weight:.4f}" + (f" ({v.reason})" if v.reason else "") if v.accepted else v.reason
-        log(f"  {'ACCEPT' if v.accepted else 'REJECT'} {v.client_id}: {detail}")
-    report = AggregationReport(
-        round_id=round_id,
-        status="below_quorum",
-        base_model_version=task.base_model_version,
-        strategy=strategy.name,
-        strategy_options=strategy.options(),
-        min_clients=quorum,
-        updates=verdicts,
-        engine=dict(engine_info or {}),
-        secure_aggregation=secure.summary() if secure is not None else None,
-    )
-    if len(sources) >= quorum:
-        strategy.check_clients(len(sources))
-    if len(sources) < quorum:
-        report.message = f"{len(sources)} valid update(s), fewer than the quorum of {quorum}: no candidate"
-        report.timings = {"validate_s": validate_seconds, "total_s": time.perf_counter() - started}
-        write_document(store, layout.aggregation_report(round_id), report)
-        log(report.message)
-        return report
-
     base_manifest, _ = read_document(store, layout.model_manifest(task.base_model_version), ModelManifest)
     base_name = layout.model_payload(base_manifest.version)
     base_info = store.stat(base_name)
-    with store.open_reader(base_name, generation=base_info.generation) as fp:
-        base_header = read_header(fp, base_info.size)
+    base_header = read_payload_header(store, base_name, base_info.generation, base_info.size)
     state_name, state_tensors, state_note = _previous_state(store, base_manifest, strategy, layout)
-    shards = plan_shards(base_header, shard_elements or shard_elements_for(strategy, len(sources)))
     plan = AggregationPlan(
         store_url=store.url,
         base_payload_name=base_name,
@@ -557,81 +559,198 @@ def run_aggregation(
         base_tensors={n: TensorLayout.of(t) for n, t in base_header.tensors.items()},
         strategy_name=strategy.name,
         strategy_options=strategy.options(),
-        sources=sources,
+        sources=(),
         state_payload_name=state_name,
         state_tensors=state_tensors,
     )
-    if secure is not None:
-        secure_settings = task.secure_aggregation
-        quantiser = Quantiser(secure_settings.clip_norm, secure_settings.levels)
-        plan = dataclasses.replace(plan, secure=SecureSum(unmask, element_offsets(task.tensors), quantiser))
-        log(
-            f"secure aggregation: {len(sources)} masked input(s) summed modulo 2^32; {len(unmask.corrections)} "
-            f"mask(s) to remove ({len(secure.shared) - len(secure.masked)} client(s) dropped after sharing keys), "
-            f"threshold {secure.setup.threshold}, updates clipped to {quantiser.clip:g}"
-        )
-    round_privacy = None
-    if distributed:  # the clients added the noise; it is charged before anything is released
-        assert dp is not None and secure is not None and task.secure_aggregation is not None
-        if len(sources) < task.secure_aggregation.min_survivors:
+    timings: dict[str, float] = {}
+    outputs: ShardOutputs | None = None
+    shards: list[Shard] = []
+    optimistic: tuple[UpdateSource, ...] = ()
+    try:
+        # One pass where no norm decides a weight (no clipping, no central DP, no secure sum): every
+        # update is checked in the same Spark stage that combines the shards from all the updates
+        # that passed the close; only if a check fails are the shards combined again without it.
+        # Both runs are the same function of the same inputs, so the bytes are those of two passes.
+        if secure is None and not exact_norm and updates:
+            t0 = time.perf_counter()
+            headers = engine(functools.partial(_read_source, store.url, task, layout), updates)
+            optimistic = _with_weights([h for h in headers if h is not None], secure=False)
+            timings["read_headers_s"] = time.perf_counter() - t0
+            if len(optimistic) < max(quorum, 1) or not _enough_for(strategy, len(optimistic)):
+                optimistic = ()
+        t0 = time.perf_counter()
+        if optimistic:
+            shards = plan_shards(base_header, shard_elements or shard_elements_for(strategy, len(optimistic)))
+            outputs = _begin_outputs(store, layout, round_id, base_header, strategy, shards)
+            log(
+                f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable) "
+                f"while aggregating them in {len(shards)} shard(s), one pass"
+            )
+            checked = dataclasses.replace(plan, sources=optimistic, outputs=outputs)
+            items: list[ClosedUpdate | tuple[int, Shard]] = _interleave(updates, list(enumerate(shards)))
+            results = engine(functools.partial(_check_or_combine, store.url, task, checked), items)
+            validated = [r for r in results if isinstance(r, _Validated)]
+            timings["validate_and_aggregate_s"] = time.perf_counter() - t0
+        else:
+            log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
+            validated = engine(functools.partial(_validate_closed, store.url, task, exact_norm), updates)
+            timings["validate_s"] = time.perf_counter() - t0
+        accepted = [v for v in validated if v.source is not None]
+        if secure is not None and len(accepted) != len(validated):  # a masked input that fails cannot leave the sum
+            bad = ", ".join(f"{v.verdict.client_id} ({v.verdict.code})" for v in validated if v.source is None)
             return _abandoned(
-                store, task, strategy, quorum, closing, secure,
-                f"{len(sources)} masked input(s): the distributed noise was sized for at least "
-                f"{task.secure_aggregation.min_survivors}, so their sum would be less private than charged",
-                started, layout, log, verdicts=verdicts,
+                store, task, strategy, quorum, closing, secure, f"masked input(s) failed validation: {bad}", started,
+                layout, log, verdicts=[v.verdict for v in validated] + refused,
             )  # fmt: skip
-        ledger, ledger_generation = read_ledger(store, layout=layout)
-        mechanism = distributed_mechanism(
-            task.secure_aggregation.noise_multiplier or dp.noise_multiplier,  # what the clients' noise was sized for
-            clip_norm=task.secure_aggregation.clip_norm,
-            levels=task.secure_aggregation.levels,
-            client_stddev=task.secure_aggregation.noise_stddev,
-            survivors=len(sources),
-        )
-        round_privacy = charge_round(
-            store, round_id, mechanism, [s.client_id for s in sources], dp, ledger=ledger,
-            generation=ledger_generation, layout=layout,
+        sources = tuple(
+            dataclasses.replace(
+                source,
+                scale=_dp_clip_scale(mechanism.clip_norm, v.l2_norm)
+                if central is not None
+                else 1.0
+                if secure is not None
+                else strategy.client_scale(v.l2_norm),
+            )
+            for v, source in zip(accepted, _with_weights(
+                [v.source for v in accepted if v.source is not None],
+                dp=mechanism.denominator if central is not None else None,  # DP: equal weights over a fixed denominator
+                secure=secure is not None,
+            ), strict=True)
         )  # fmt: skip
-        report.privacy = round_privacy
-        log(
-            f"distributed dp: {len(sources)} clients' discrete Gaussian noise (std {mechanism.noise_stddev:.4g} per "
-            f"averaged coordinate, z={mechanism.noise_multiplier:g}); epsilon {round_privacy.spent.epsilon:.3f} at "
-            f"delta {round_privacy.spent.delta:g} after this round"
+        verdicts = [v.verdict.model_copy(update={"weight": s.weight}) for v, s in zip(accepted, sources, strict=True)]
+        verdicts += [v.verdict for v in validated if v.source is None] + refused + list(closing.late)
+        verdicts.sort(key=lambda v: (not v.accepted, v.client_id))
+        for v in verdicts:
+            detail = f"weight {v.weight:.4f}" + (f" ({v.reason})" if v.reason else "") if v.accepted else v.reason
+            log(f"  {'ACCEPT' if v.accepted else 'REJECT'} {v.client_id}: {detail}")
+        report = AggregationReport(
+            round_id=round_id,
+            status="below_quorum",
+            base_model_version=task.base_model_version,
+            strategy=strategy.name,
+            strategy_options=strategy.options(),
+            min_clients=quorum,
+            updates=verdicts,
+            engine=dict(engine_info or {}),
+            secure_aggregation=secure.summary() if secure is not None else None,
         )
-    if central is not None:
-        unclipped = sum(1 for v in accepted if v.l2_norm <= mechanism.clip_norm)
-        next_clip, share = adapt_clip_norm(
-            mechanism, unclipped=unclipped, participants=len(sources), noise=noise.count_noise()
-        )
-        mechanism = mechanism.model_copy(update={"next_clip_norm": next_clip, "unclipped_fraction": share})
-        if central.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
-            charged = [s.client_id for s in sources]
-        round_privacy = charge_round(  # before any release
-            store, round_id, mechanism, charged, central, ledger=ledger, generation=ledger_generation, layout=layout
-        )
-        plan = dataclasses.replace(plan, noise=noise, noise_stddev=mechanism.noise_stddev)
-        report.privacy = round_privacy
-        log(
-            f"dp: clip norm {mechanism.clip_norm:.4g} ({unclipped} of {len(sources)} update(s) unclipped; next "
-            f"{next_clip:.4g}), noise std {mechanism.noise_stddev:.4g} per coordinate "
-            f"(z={mechanism.noise_multiplier:g}, z_delta={mechanism.update_noise_multiplier:.4g}, "
-            f"n-bar={mechanism.denominator:g}); epsilon {round_privacy.spent.epsilon:.3f} at delta "
-            f"{round_privacy.spent.delta:g} after this round"
-        )
-    log(f"aggregating {len(sources)} update(s) with {strategy.describe()} in {len(shards)} shard(s){state_note}")
-    t0 = time.perf_counter()
-    results = engine(functools.partial(_aggregate_indexed, plan), list(enumerate(shards)))
-    results.sort(key=lambda r: r[0])
-    aggregate_seconds = time.perf_counter() - t0
+        if len(sources) >= quorum:
+            strategy.check_clients(len(sources))
+        if len(sources) < quorum:
+            report.message = f"{len(sources)} valid update(s), fewer than the quorum of {quorum}: no candidate"
+            report.timings = {**timings, "total_s": time.perf_counter() - started}
+            write_document(store, layout.aggregation_report(round_id), report)
+            log(report.message)
+            return report
 
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / "candidate.safetensors"
-        sha = write_candidate(candidate, base_header, (data for _, data, _ in results))
+        plan = dataclasses.replace(plan, sources=sources)
+        if secure is not None:
+            secure_settings = task.secure_aggregation
+            quantiser = Quantiser(secure_settings.clip_norm, secure_settings.levels)
+            plan = dataclasses.replace(plan, secure=SecureSum(unmask, element_offsets(task.tensors), quantiser))
+            log(
+                f"secure aggregation: {len(sources)} masked input(s) summed modulo 2^32; {len(unmask.corrections)} "
+                f"mask(s) to remove ({len(secure.shared) - len(secure.masked)} client(s) dropped after sharing "
+                f"keys), threshold {secure.setup.threshold}, updates clipped to {quantiser.clip:g}"
+            )
+        round_privacy = None
+        if distributed:  # the clients added the noise; it is charged before anything is released
+            assert dp is not None and secure is not None and task.secure_aggregation is not None
+            if len(sources) < task.secure_aggregation.min_survivors:
+                return _abandoned(
+                    store, task, strategy, quorum, closing, secure,
+                    f"{len(sources)} masked input(s): the distributed noise was sized for at least "
+                    f"{task.secure_aggregation.min_survivors}, so their sum would be less private than charged",
+                    started, layout, log, verdicts=verdicts,
+                )  # fmt: skip
+            ledger, ledger_generation = read_ledger(store, layout=layout)
+            mechanism = distributed_mechanism(
+                task.secure_aggregation.noise_multiplier
+                or dp.noise_multiplier,  # what the clients' noise was sized for
+                clip_norm=task.secure_aggregation.clip_norm,
+                levels=task.secure_aggregation.levels,
+                client_stddev=task.secure_aggregation.noise_stddev,
+                survivors=len(sources),
+            )
+            round_privacy = charge_round(
+                store, round_id, mechanism, [s.client_id for s in sources], dp, ledger=ledger,
+                generation=ledger_generation, layout=layout,
+            )  # fmt: skip
+            report.privacy = round_privacy
+            log(
+                f"distributed dp: {len(sources)} clients' discrete Gaussian noise (std {mechanism.noise_stddev:.4g} "
+                f"per averaged coordinate, z={mechanism.noise_multiplier:g}); epsilon "
+                f"{round_privacy.spent.epsilon:.3f} at delta {round_privacy.spent.delta:g} after this round"
+            )
+        if central is not None:
+            unclipped = sum(1 for v in accepted if v.l2_norm <= mechanism.clip_norm)
+            next_clip, share = adapt_clip_norm(
+                mechanism, unclipped=unclipped, participants=len(sources), noise=noise.count_noise()
+            )
+            mechanism = mechanism.model_copy(update={"next_clip_norm": next_clip, "unclipped_fraction": share})
+            if central.sampling_rate is None:  # no amplification: charged = the clients whose updates are in the sum
+                charged = [s.client_id for s in sources]
+            round_privacy = charge_round(  # before any release
+                store, round_id, mechanism, charged, central, ledger=ledger, generation=ledger_generation,
+                layout=layout,
+            )  # fmt: skip
+            plan = dataclasses.replace(plan, noise=noise, noise_stddev=mechanism.noise_stddev)
+            report.privacy = round_privacy
+            log(
+                f"dp: clip norm {mechanism.clip_norm:.4g} ({unclipped} of {len(sources)} update(s) unclipped; next "
+                f"{next_clip:.4g}), noise std {mechanism.noise_stddev:.4g} per coordinate "
+                f"(z={mechanism.noise_multiplier:g}, z_delta={mechanism.update_noise_multiplier:.4g}, "
+                f"n-bar={mechanism.denominator:g}); epsilon {round_privacy.spent.epsilon:.3f} at delta "
+                f"{round_privacy.spent.delta:g} after this round"
+            )
+        if outputs is None:  # two passes: the norms had to be known before anything was weighted
+            shards = plan_shards(base_header, shard_elements or shard_elements_for(strategy, len(sources)))
+            outputs = _begin_outputs(store, layout, round_id, base_header, strategy, shards)
+            log(
+                f"aggregating {len(sources)} update(s) with {strategy.describe()} in {len(shards)} shard(s){state_note}"
+            )
+            t0 = time.perf_counter()
+            engine(
+                functools.partial(_aggregate_indexed, dataclasses.replace(plan, outputs=outputs)),
+                list(enumerate(shards)),
+            )
+            timings["aggregate_s"] = time.perf_counter() - t0
+        elif sources != optimistic:  # a check failed: the same shards again without it (same bits as two passes)
+            log(
+                f"{len(optimistic) - len(sources)} update(s) failed a check after being combined: aggregating the "
+                f"{len(sources)} accepted again in {len(shards)} shard(s)"
+            )
+            t0 = time.perf_counter()
+            engine(
+                functools.partial(_aggregate_indexed, dataclasses.replace(plan, outputs=outputs)),
+                list(enumerate(shards)),
+            )
+            timings["recompute_s"] = time.perf_counter() - t0
+        else:
+            log(f"aggregated {len(sources)} update(s) with {strategy.describe()}{state_note}")
+
+        t0 = time.perf_counter()
+        files = outputs.files
+        candidate_name = layout.candidate_payload(round_id)
+        candidate_info = store.finish_assembly(
+            outputs.candidate, _parts(files.candidate_header, files.candidate_sizes, files.candidate_at)
+        )
+        if outputs.state is not None and files.state_header is not None:
+            store.finish_assembly(
+                outputs.state,
+                [
+                    part
+                    for at in files.state_at.values()
+                    for part in _parts(b"", files.state_sizes, at)
+                ] + [(0, len(files.state_header))],
+            )  # fmt: skip
+        outputs = None  # committed: nothing left to abort
+        sha = _sha256_of(store, candidate_name, candidate_info.generation)
         manifest = ModelManifest(
             version=round_id,
             sha256=sha,
-            size_bytes=candidate.stat().st_size,
+            size_bytes=candidate_info.size,
             tensors=base_header.schema(),
             model=task.model,
             base_version=task.base_model_version,
@@ -640,26 +759,114 @@ def run_aggregation(
                 strategy, sources, verdicts, public_privacy(round_privacy, dp) if round_privacy is not None else None
             ),
         )
-        store.upload_file(layout.candidate_payload(round_id), candidate)
         write_document(store, layout.candidate_manifest(round_id), manifest)
-        if strategy.state_names:
-            state_file = Path(tmp) / "state.safetensors"
-            write_state(state_file, base_header, strategy, [state for _, _, state in results])
-            store.upload_file(layout.strategy_state(round_id), state_file)
-    write_seconds = time.perf_counter() - t0
+        timings["write_s"] = time.perf_counter() - t0
+    finally:
+        if outputs is not None:  # below quorum, abandoned or failed: nothing of it is released
+            store.abort_assembly(outputs.candidate)
+            if outputs.state is not None:
+                store.abort_assembly(outputs.state)
     report.status = "aggregated"
     report.candidate_sha256 = sha
     report.engine["shards"] = len(shards)
+    report.engine["passes"] = 1 if optimistic and sources == optimistic else 2
     report.message = f"{len(sources)} of {len(verdicts)} update(s) accepted; candidate sha256 {sha[:12]}"
-    report.timings = {
-        "validate_s": validate_seconds,
-        "aggregate_s": aggregate_seconds,
-        "write_s": write_seconds,
-        "total_s": time.perf_counter() - started,
-    }
+    report.timings = {**timings, "total_s": time.perf_counter() - started}
     write_document(store, layout.aggregation_report(round_id), report)
     log(report.message)
     return report
+
+
+def _parts(header: bytes, sizes: Sequence[int], at: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` parts of an assembled file: its header (if any), then every
+    non-empty shard block."""
+    head = [(0, len(header))] if header else []
+    return head + [(offset, size) for offset, size in zip(at, sizes, strict=True) if size]
+
+
+def _begin_outputs(
+    store: ObjectStore,
+    layout: BucketLayout,
+    round_id: str,
+    base_header: Header,
+    strategy: Strategy,
+    shards: list[Shard],
+) -> ShardOutputs:
+    """Start assembling the candidate (and state file) and write their headers; the shards write the rest."""
+    files = output_files(base_header, strategy, shards)
+    candidate = store.begin_assembly(layout.candidate_payload(round_id), files.candidate_size)
+    store.write_part(candidate, 0, files.candidate_header)
+    state = None
+    if files.state_header is not None:
+        state = store.begin_assembly(layout.strategy_state(round_id), files.state_size)
+        store.write_part(state, 0, files.state_header)
+    return ShardOutputs(files, candidate, state)
+
+
+def _sha256_of(store: ObjectStore, name: str, generation: int) -> str:
+    """The sha256 of one generation of an object, streamed (bounded memory)."""
+    hasher = hashlib.sha256()
+    with store.open_reader(name, generation=generation) as fp:
+        while chunk := fp.read(STREAM_CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _with_weights(sources: Sequence[UpdateSource], *, dp: int | None = None, secure: bool) -> tuple[UpdateSource, ...]:
+    total = sum(s.examples for s in sources)
+    return tuple(dataclasses.replace(s, weight=_weight(s, total, len(sources), dp=dp, secure=secure)) for s in sources)
+
+
+def _enough_for(strategy: Strategy, clients: int) -> bool:
+    try:
+        strategy.check_clients(clients)
+    except ConfigError:
+        return False
+    return True
+
+
+def _interleave(first: Sequence[T], second: Sequence[U]) -> list[T | U]:
+    """Alternate the two lists (the rest of the longer one at the end), so every contiguous run of
+    items an engine gives one task holds some of each kind."""
+    out: list[T | U] = []
+    for a, b in itertools.zip_longest(first, second, fillvalue=_MISSING):
+        out += [x for x in (a, b) if x is not _MISSING]
+    return out
+
+
+_MISSING = object()
+
+
+def _read_source(store_url: str, task: RoundTask, layout: BucketLayout, closed: ClosedUpdate) -> UpdateSource | None:
+    """An update as the shards need it, from its header alone (None if that cannot be read: the
+    update's check then gives the reason)."""
+    store = cached_store(store_url)
+    manifest = closed.manifest
+    name = layout.update_payload(manifest.client_id, manifest.round_id, manifest.sha256)
+    try:
+        header = read_payload_header(store, name, closed.payload_generation, manifest.size_bytes)
+        check_schema(header, update_schema(task))
+    except (UpdateRejected, StorageError):
+        return None
+    cap = task.max_examples_per_update
+    return UpdateSource(
+        client_id=manifest.client_id,
+        payload_name=name,
+        generation=closed.payload_generation,
+        tensors={n: TensorLayout.of(t) for n, t in header.tensors.items()},
+        weight=0.0,
+        examples=manifest.num_examples if cap is None else min(manifest.num_examples, cap),
+        scale=1.0,
+    )
+
+
+def _check_or_combine(
+    store_url: str, task: RoundTask, plan: AggregationPlan, item: ClosedUpdate | tuple[int, Shard]
+) -> _Validated | int:
+    """One item of the one-pass stage: check an update, or combine a shard."""
+    if isinstance(item, ClosedUpdate):
+        return _validate_closed(store_url, task, False, item)
+    return aggregate_shard(plan, *item)
 
 
 def _outside_the_sum(store: ObjectStore, task: RoundTask, closed: ClosedUpdate, shared: set[str]) -> UpdateVerdict:
@@ -774,7 +981,7 @@ def _privacy_admission(
     return kept, eligible, refused
 
 
-def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> tuple[int, bytes, dict[str, bytes]]:
+def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> int:
     return aggregate_shard(plan, *item)
 
 

@@ -155,7 +155,8 @@ def _draw_durations(rows: Sequence[RoundRow]) -> str:
     wait_axis.bar(xs, [r.wait_seconds or 0.0 for r in rows], color="#90a4ae")
     wait_axis.set_title("wait for updates, s", fontsize=9)
     bottom = [0.0] * len(rows)
-    for phase in ("validate_s", "aggregate_s", "write_s"):
+    # one-pass rounds validate while they aggregate; two-pass rounds (clipping, DP, secure sums) do not
+    for phase in ("read_headers_s", "validate_s", "validate_and_aggregate_s", "aggregate_s", "recompute_s", "write_s"):
         values = [r.timings.get(phase, 0.0) for r in rows]
         axis.bar(xs, values, bottom=bottom, label=phase.removesuffix("_s"))
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
