@@ -553,3 +553,53 @@ def test_a_secure_round_with_dropouts_after_every_phase_releases_only_the_sum(fe
         assert {v.dtype for v in payload.values()} == {np.dtype("uint32")}
         words = np.concatenate([v.ravel() for v in payload.values()])
         assert words.min() < 2**28 and words.max() > 2**32 - 2**28  # spread over the whole ring
+
+
+@FILE_STORE_ONLY
+def test_a_round_with_hundreds_of_clients(federation, tmp_path):
+    """300 lightweight SDK clients (the base model plus noise, no training) submit concurrently;
+    the wait ends when the last is in, every update is frozen, accepted and in the candidate's
+    lineage (the benchmark runs the same with 1,000: docs/benchmarks.md)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, url = federation
+    n = 300
+    config = write_config(tmp_path, url, deadline_seconds=900, min_clients=n, max_clients=n, max_update_norm=None)
+    errors: list[str] = []
+    done = threading.Event()
+
+    def clients() -> None:
+        with Client(url, "watcher", cache_dir=tmp_path / "watcher") as watcher:
+            task = watcher.current_round()
+            while task is None or task.round_id != "round-many":
+                if done.wait(0.2):
+                    errors.append("the run ended before the round opened")
+                    return
+                task = watcher.current_round()
+
+        def submit(i: int) -> None:
+            try:
+                with Client(url, f"c{i:03d}", cache_dir=tmp_path / "cache" / str(i)) as client:
+                    base = client.fetch_model(task, as_numpy=True)
+                    noise = np.random.default_rng(i)
+                    trained = {k: v + noise.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in base.items()}
+                    client.submit(task, trained, num_examples=1 + i % 5)
+            except Exception as exc:
+                errors.append(f"c{i:03d}: {type(exc).__name__}: {exc}")
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(submit, range(n)))
+
+    thread = threading.Thread(target=clients, daemon=True)
+    thread.start()
+    run = run_dag(config, run_conf={"round_id": "round-many"})
+    done.set()
+    thread.join(timeout=600)
+    assert not errors, errors[:5]
+    assert str(run.state) == "success", task_states(run)
+    closing, _ = read_document(store, LAYOUT.round_closing("round-many"), RoundClosing)
+    assert closing.reason == "max_clients" and len(closing.updates) == n
+    report = report_of(store, "round-many")
+    assert report.status == "promoted" and sum(u.accepted for u in report.updates) == n
+    manifest, _ = read_document(store, LAYOUT.candidate_manifest("round-many"), ModelManifest)
+    assert len(manifest.lineage["accepted"]) == n
