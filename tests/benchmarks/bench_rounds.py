@@ -286,7 +286,8 @@ def many_rounds(args: argparse.Namespace, work: Path, gcs_endpoint: str | None) 
 def run(args: argparse.Namespace) -> dict:
     """Run the scenarios in ``args.only`` (None: both), write the JSON and the plot, return the data."""
     work = Path(tempfile.mkdtemp(prefix="bench-rounds-"))
-    previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out = Path(getattr(args, "out", None) or OUT)
+    previous = json.loads(out.read_text()) if out.exists() else {}
     data = {"cpu_count": os.cpu_count(), "poll_seconds": args.poll_seconds, **previous}
     gcs = _gcs() if "gcs" in args.stores else None
     try:
@@ -307,9 +308,15 @@ def run(args: argparse.Namespace) -> dict:
         else:
             print(f"kept {work}")
     data["cpu_count"] = os.cpu_count()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=2) + "\n")
-    plot(data)
+    if getattr(args, "baseline_from", None):  # the same harness run on the code before, for the side-by-side
+        before = json.loads(Path(args.baseline_from).read_text())
+        data["baseline"] = {k: before[k] for k in ("many_clients", "many_rounds", "commit") if k in before}
+    if getattr(args, "commit", None):
+        data["commit"] = args.commit
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    if out == OUT:
+        plot(data)
     return data
 
 
@@ -347,7 +354,15 @@ def plot(data: dict) -> None:
         if key == "many_clients":
             for store in sorted({r["store"] for r in data[key]}):
                 rows = [r for r in data[key] if r["store"] == store]
-                ax.plot([r["clients"] for r in rows], [r["overhead_s"] for r in rows], "o-", label=f"{store} store")
+                line = ax.plot(
+                    [r["clients"] for r in rows], [r["overhead_s"] for r in rows], "o-", label=f"{store} store"
+                )
+                before = [r for r in data.get("baseline", {}).get(key, []) if r["store"] == store]
+                if before:
+                    ax.plot(
+                        [r["clients"] for r in before], [r["overhead_s"] for r in before], "x--",
+                        color=line[0].get_color(), alpha=0.6, label=f"{store} store, before",
+                    )  # fmt: skip
             ax.axhline(60, color="grey", ls="--", lw=1, label="target 60 s")
             ax.set_xscale("log")
             ax.set_xlabel("clients in the round")
@@ -361,6 +376,9 @@ def plot(data: dict) -> None:
                 values = np.array([breakdown(r)[name] for r in rows])
                 ax.bar(x, values, bottom=bottom, label=name)
                 bottom += values
+            before = data.get("baseline", {}).get(key)
+            if before:
+                ax.axhline(before["median_overhead_s"], color="black", ls=":", lw=1, label="before: median")
             ax.axhline(15, color="grey", ls="--", lw=1, label="target 15 s")
             ax.set_xlabel("round")
             ax.set_ylabel("server overhead (s)")
@@ -384,16 +402,25 @@ def render(data: dict) -> str:
         "",
     ]
     if data.get("many_clients"):
+        before = {(r["store"], r["clients"]): r for r in data.get("baseline", {}).get("many_clients", [])}
         lines += [
-            "| store | clients | server overhead s | client window s | aggregate step s | evaluate step s |",
-            "|---|---|---|---|---|---|",
+            "| store | clients | server overhead s | before s | publish s | wait after the last update s | Spark "
+            "step(s) s | client window s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in data["many_clients"]:
-            p = r["phases_s"]
-            lines.append(
-                f"| {r['store']} | {r['clients']:,} | **{r['overhead_s']:.1f}** | {r['client_window_s']:.1f} | "
-                f"{p.get('aggregate_s', 0):.1f} | {p.get('evaluate_s', 0):.1f} |"
-            )
+            p, b = r["phases_s"], before.get((r["store"], r["clients"]))
+            cells = [
+                r["store"],
+                f"{r['clients']:,}",
+                f"**{r['overhead_s']:.1f}**",
+                f"{b['overhead_s']:.1f}" if b else "—",
+                f"{p['publish_s']:.1f}",
+                f"{r['wait_after_last_commit_s']:.1f}",
+                f"{p.get('aggregate_s', 0) + p.get('evaluate_s', 0):.1f}",
+                f"{r['client_window_s']:.1f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if data.get("many_rounds"):
         m = data["many_rounds"]
@@ -407,6 +434,17 @@ def render(data: dict) -> str:
             "(process, DAG parse) before publish: a scheduler pays that once, not per round.",
             "",
         ]
+        b = data.get("baseline", {}).get("many_rounds")
+        if b:
+            parts = {name: statistics.median(breakdown(r)[name] for r in b["rounds"]) for name in GROUPS}
+            lines += [
+                f"Before (commit {data['baseline'].get('commit', '?')}: aggregate and evaluate as two spark-submits, "
+                f"a new Execution API app per task), {len(b['rounds'])} rounds in the same invocation: median "
+                f"**{b['median_overhead_s']:.1f} s**; per phase (s): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                + ".",
+                "",
+            ]
     if PLOT.exists():
         lines += ["![server overhead](benchmarks/rounds.png)", ""]
     return "\n".join(lines)
@@ -421,6 +459,9 @@ def main() -> None:
     parser.add_argument("--round-clients", type=int, default=10)
     parser.add_argument("--poll-seconds", type=float, default=1.0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buckets)")
+    parser.add_argument("--out", default=str(OUT), help="JSON to write (the plot only for the default)")
+    parser.add_argument("--baseline-from", default=None, help="a JSON this harness wrote for the code before")
+    parser.add_argument("--commit", default=None, help="the commit measured, recorded in the JSON")
     print(render(run(parser.parse_args())))
 
 
