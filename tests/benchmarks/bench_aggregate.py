@@ -60,19 +60,22 @@ PROTOTYPE_SECONDS = {2: 18.6, 4: 27.5, 8: 39.3, 16: 83.8, 32: 100.8, 64: 200, 12
 
 
 def generate(root: Path, n_max: int) -> None:
-    """A federation with a DistilBERT-shaped base model and ``n_max`` updates in round ``bench``."""
+    """A federation with a DistilBERT-shaped base model and ``n_max`` updates in round ``bench``
+    (updates already there are kept: a larger N only adds the missing ones)."""
     store = open_store(root.as_uri(), create=True)
-    if store.exists(LAYOUT.round_closing(ROUND) + ".complete"):
-        return
-    manifest = publish_model(store, random_state(0), version="init", model=ModelSpec(name="distilbert"))
-    set_current_model(store, manifest, expected_generation=0)
+    if not store.exists(LAYOUT.current_model):
+        manifest = publish_model(store, random_state(0), version="init", model=ModelSpec(name="distilbert"))
+        set_current_model(store, manifest, expected_generation=0)
     task = open_round(
         store, round_id=ROUND, opened_at=utcnow(), deadline_seconds=10**6, training=TrainingConfig(), min_clients=1
     )
+    missing = [i for i in range(n_max) if not store.exists(LAYOUT.update_manifest(f"client-{i:03d}", ROUND))]
+    if not missing:
+        return
     seeds = [random_state(100 + s, scale=1e-3) for s in range(4)]
     t0 = time.perf_counter()
-    for i in range(n_max):
-        delta = {k: v * np.float32(1 + i / n_max) for k, v in seeds[i % 4].items()}
+    for done, i in enumerate(missing, 1):
+        delta = {k: v * np.float32(1 + i / 64) for k, v in seeds[i % 4].items()}
         payload = tensors_to_bytes(delta)
         sha = hashlib.sha256(payload).hexdigest()
         client = f"client-{i:03d}"
@@ -87,9 +90,18 @@ def generate(root: Path, n_max: int) -> None:
             created_at=utcnow(),
         )
         store.put_bytes(LAYOUT.update_manifest(client, ROUND), update.to_json_bytes())
-        print(f"  generated update {i + 1}/{n_max} ({time.perf_counter() - t0:.0f}s)", end="\r", flush=True)
+        print(f"  generated update {done}/{len(missing)} ({time.perf_counter() - t0:.0f}s)", end="\r", flush=True)
     print()
-    store.put_bytes(LAYOUT.round_closing(ROUND) + ".complete", b"")
+
+
+def delete_updates(root: Path, first: int) -> None:
+    """Delete the generated updates from index ``first`` on (the large-N run's extra disk)."""
+    store = open_store(root.as_uri())
+    i = first
+    while names := [info.name for info in store.list(LAYOUT.update_prefix(f"client-{i:03d}", ROUND))]:
+        for name in names:
+            store.delete(name)
+        i += 1
 
 
 def select_clients(root: Path, n: int) -> None:
@@ -258,6 +270,112 @@ def run(args: argparse.Namespace) -> dict:
     return data
 
 
+SCALE_OUT = REPO / "docs" / "benchmarks" / "aggregate_scale.json"
+
+
+def run_scale(args: argparse.Namespace) -> dict:
+    """The marginal cost of one more update: N = 64 against N = ``args.n_big`` (generated for the
+    run, deleted after it), the Spark job end to end and the numpy floor, alternating."""
+    import shutil
+
+    root = Path(args.data_dir)
+    small, big = 64, args.n_big
+    generate(root, small)
+    needed = (big - small) * MODEL_BYTES * 1.05
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        data = {"skipped": f"N = {big} needs {needed / 1e9:.0f} GB more disk; {free / 1e9:.0f} GB free"}
+        SCALE_OUT.write_text(json.dumps(data, indent=2) + "\n")
+        print(data["skipped"])
+        return data
+    print(f"generating updates {small}..{big - 1} ({(big - small) * MODEL_BYTES / 1e9:.1f} GB more)")
+    generate(root, big)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(REPO)}  # fmt: skip
+    spark_submit = str(Path(sys.executable).parent / "spark-submit")
+    rows: dict[int, dict[str, list]] = {
+        n: {"spark_e2e": [], "spark_inner": [], "numpy_floor": [], "rss": []} for n in (small, big)
+    }
+    try:
+        for repeat in range(args.repeats):
+            for n in (small, big):
+                select_clients(root, n)
+                with tempfile.TemporaryDirectory() as tmp:
+                    spark = [spark_submit, "--master", "local[*]", "--driver-memory", "1g",
+                             "--conf", "spark.ui.enabled=false", str(REPO / "spark_jobs" / "aggregate.py"),
+                             "--bucket", root.as_uri(), "--round", ROUND]  # fmt: skip
+                    out = str(Path(tmp) / "out.safetensors")
+                    floor = [sys.executable, "-m", "tests.benchmarks.bench_aggregate", "numpy_floor",
+                             "--data-dir", str(root), "--n", str(n), "--output", out]  # fmt: skip
+                    for name, command in (("spark_e2e", spark), ("numpy_floor", floor)):
+                        seconds, peak, done = measure(command, env)
+                        if done.returncode != 0:
+                            raise RuntimeError(f"{name} N={n} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+                        rows[n][name].append(seconds)
+                        if name == "spark_e2e":
+                            rows[n]["rss"].append(peak)
+                            report, _ = read_document(
+                                open_store(root.as_uri()), LAYOUT.aggregation_report(ROUND), AggregationReport
+                            )
+                            rows[n]["spark_inner"].append(report.timings["total_s"])
+                last = {k: v[-1] for k, v in rows[n].items()}
+                print(f"  repeat {repeat + 1} N={n}: spark {last['spark_e2e']:.1f}s "
+                      f"(inner {last['spark_inner']:.1f}s), floor {last['numpy_floor']:.1f}s")  # fmt: skip
+    finally:
+        delete_updates(root, small)  # generate, measure, delete: 17 GB per 64 updates
+        select_clients(root, small)
+    medians = {
+        n: {k: statistics.median(v) for k, v in r.items() if k != "rss"} | {"peak_rss_bytes": max(r["rss"])}
+        for n, r in rows.items()
+    }
+    data = {
+        "n": [small, big],
+        "model_bytes": MODEL_BYTES,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "runs": {str(n): r for n, r in rows.items()},
+        "medians": {str(n): m for n, m in medians.items()},
+        "marginal_s_per_update": {
+            k: (medians[big][k] - medians[small][k]) / (big - small)
+            for k in ("spark_e2e", "spark_inner", "numpy_floor")
+        },
+    }
+    SCALE_OUT.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def render_scale(data: dict) -> str:
+    if "skipped" in data:
+        return f"### The marginal update\n\nNot measured: {data['skipped']}.\n"
+    small, big = data["n"]
+    m, marginal = data["medians"], data["marginal_s_per_update"]
+    lines = [
+        "### The marginal update",
+        "",
+        f"N = {small} against N = {big} DistilBERT-sized updates ({big * data['model_bytes'] / 1e9:.0f} GB at "
+        f"N = {big}, generated for this run and deleted after it), alternating, medians of {data['repeats']} "
+        "(`make bench BENCH_ARGS='--only aggregate-scale'`).",
+        "",
+        "| | N = " + str(small) + " s | N = " + str(big) + " s | marginal s per update | marginal GB/s |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {"spark_e2e": "(a) Spark job end to end", "spark_inner": "(b) validate + aggregate + write",
+              "numpy_floor": "(c) numpy floor"}  # fmt: skip
+    for key, label in labels.items():
+        per = marginal[key]
+        lines.append(
+            f"| {label} | {m[str(small)][key]:.1f} | {m[str(big)][key]:.1f} | {per:.3f} | "
+            f"{data['model_bytes'] / per / 1e9 if per > 0 else float('nan'):.2f} |"
+        )
+    lines += [
+        "",
+        f"Peak RSS of the largest process: {m[str(small)]['peak_rss_bytes'] / 1e9:.2f} GB at N = {small}, "
+        f"{m[str(big)]['peak_rss_bytes'] / 1e9:.2f} GB at N = {big}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -291,17 +409,20 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="run", choices=["run", "numpy_floor", "load_all"])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "scale", "numpy_floor", "load_all"])
     parser.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=str(REPO / "bench-data"))
     parser.add_argument("--max-memory-gb", type=float, default=12.0)
     parser.add_argument("--output")
+    parser.add_argument("--n-big", type=int, default=128, help="scale: the large N compared with N = 64")
     args = parser.parse_args()
     if args.mode == "numpy_floor":
         numpy_floor(Path(args.data_dir), args.n[0], Path(args.output))
     elif args.mode == "load_all":
         load_all_then_average(Path(args.data_dir), args.n[0], Path(args.output))
+    elif args.mode == "scale":
+        run_scale(args)
     else:
         run(args)
 

@@ -111,11 +111,15 @@ def render_aggregate(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--only", choices=["client", "aggregate", "dp", "cluster", "secagg", "ui", "rounds"], help="run one benchmark"
+        "--only",
+        choices=["client", "aggregate", "aggregate-scale", "dp", "cluster", "secagg", "ui", "rounds"],
+        help="run one benchmark (aggregate-scale, N = 64 against --n-big DistilBERT-sized updates, needs ~17 GB of "
+        "disk per 64 extra updates and runs only when asked for)",
     )
     parser.add_argument("--secagg-n", default="10,50,100,200", help="secure aggregation: numbers of clients")
     parser.add_argument("--dp-n", type=int, default=64, help="differential privacy: updates aggregated")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--n-big", type=int, default=128, help="aggregate-scale: the large N compared with N = 64")
     parser.add_argument("--n", default="2,4,8,16,32,64", help="aggregation: numbers of updates")
     args = parser.parse_args()
     sections = []
@@ -123,6 +127,16 @@ def main() -> None:
         from tests.benchmarks import bench_client
 
         bench_client.main()
+    if args.only == "aggregate-scale":
+        from tests.benchmarks import bench_aggregate
+
+        bench_aggregate.run_scale(
+            argparse.Namespace(
+                n_big=args.n_big,
+                repeats=args.repeats,
+                data_dir=str(Path(__file__).resolve().parents[2] / "bench-data"),
+            )
+        )
     if args.only in (None, "aggregate"):
         from tests.benchmarks import bench_aggregate
 
@@ -170,6 +184,11 @@ def main() -> None:
     aggregate_json = DOCS / "benchmarks" / "aggregate.json"
     if aggregate_json.exists():
         sections.append(render_aggregate(json.loads(aggregate_json.read_text())))
+    scale_json = DOCS / "benchmarks" / "aggregate_scale.json"
+    if scale_json.exists():
+        from tests.benchmarks.bench_aggregate import render_scale
+
+        sections.append(render_scale(json.loads(scale_json.read_text())))
     dp_json = DOCS / "benchmarks" / "dp.json"
     if dp_json.exists():
         from tests.benchmarks.bench_dp import render as render_dp
