@@ -2,7 +2,10 @@
 
 1. Against fake-gcs-server: a raw google-cloud-storage upload + download of a DistilBERT-sized
    safetensors file, versus the SDK's ``fetch_model`` (download + sha256 check + load) plus
-   ``submit`` (delta + local validation + upload + manifest) of the same state dict.
+   ``submit`` (delta + local validation + upload + manifest) of the same state dict, alternated in
+   each repeat. Where the SDK's time goes is read from its own progress reports: each phase runs
+   from its first report to the next phase's (or its last report); "other" is the rest (round
+   checks, loading the cached base, the manifest).
 2. Ten simulated clients (separate processes, real PyTorch training, Dirichlet(0.5)) in one round:
    wall time from opening the round to the tenth committed update, process start included.
 
@@ -31,7 +34,27 @@ from fedbucket.torch.training import state_dict_to_numpy
 from tests.benchmarks.distilbert import NUM_PARAMETERS, random_state
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "client.json"
-REPEATS = 3
+REPEATS = 5
+
+
+class PhaseClock:
+    """Seconds per SDK phase, from the progress callback (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.starts.setdefault(phase, now)
+        self.last[phase] = now
+
+    def durations(self) -> dict[str, float]:
+        order = sorted(self.starts, key=self.starts.__getitem__)
+        return {
+            phase: (self.starts[order[i + 1]] if i + 1 < len(order) else self.last[phase]) - self.starts[phase]
+            for i, phase in enumerate(order)
+        }
 
 
 def sdk_overhead(tmp: Path) -> dict[str, object]:
@@ -43,7 +66,8 @@ def sdk_overhead(tmp: Path) -> dict[str, object]:
     model_file = tmp / "base.safetensors"
     save_tensors(base, model_file)
     size = model_file.stat().st_size
-    raw_times, sdk_fetch, sdk_submit = [], [], []
+    raw_times, raw_up, raw_down, sdk_fetch, sdk_submit = [], [], [], [], []
+    phases: list[dict[str, float]] = []
     with FakeGCSServer(buckets=["bench"]) as gcs:
         os.environ["STORAGE_EMULATOR_HOST"] = gcs.endpoint
         raw_bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).bucket("bench")
@@ -51,8 +75,12 @@ def sdk_overhead(tmp: Path) -> dict[str, object]:
             t0 = time.perf_counter()
             blob = raw_bucket.blob(f"raw/{i}.safetensors")
             blob.upload_from_filename(str(model_file))
+            t1 = time.perf_counter()
             blob.download_to_filename(str(tmp / "raw-back.safetensors"))
-            raw_times.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            raw_times.append(t2 - t0)
+            raw_up.append(t1 - t0)
+            raw_down.append(t2 - t1)
 
             store = open_store(f"gs://bench/sdk-{i}")
             manifest = publish_model_file(store, model_file, version="init", model=ModelSpec(name="distilbert"))
@@ -60,28 +88,42 @@ def sdk_overhead(tmp: Path) -> dict[str, object]:
             task = open_round(
                 store, round_id="r1", opened_at=utcnow(), deadline_seconds=3600, training=TrainingConfig()
             )
+            clock = PhaseClock()
             with Client(store.url, "bench-client", cache_dir=tmp / f"cache-{i}") as client:
                 t0 = time.perf_counter()
-                client.fetch_model(task, as_numpy=True)
+                client.fetch_model(task, as_numpy=True, progress=clock)
                 t1 = time.perf_counter()
-                client.submit(task, trained, num_examples=1)
+                client.submit(task, trained, num_examples=1, progress=clock)
                 t2 = time.perf_counter()
             sdk_fetch.append(t1 - t0)
             sdk_submit.append(t2 - t1)
+            phase = clock.durations()
+            phase["other"] = (t2 - t0) - sum(phase.values())
+            phases.append(phase)
             print(
-                f"  repeat {i}: raw {raw_times[-1]:.2f}s, sdk fetch {sdk_fetch[-1]:.2f}s + submit {sdk_submit[-1]:.2f}s"
+                f"  repeat {i}: raw {raw_times[-1]:.2f}s (up {raw_up[-1]:.2f} + down {raw_down[-1]:.2f}), "
+                f"sdk {t2 - t0:.2f}s (" + ", ".join(f"{k} {v:.2f}" for k, v in phase.items()) + ")"
             )
     raw = statistics.median(raw_times)
-    sdk = statistics.median(f + s for f, s in zip(sdk_fetch, sdk_submit, strict=True))
+    sdk_totals = [f + s for f, s in zip(sdk_fetch, sdk_submit, strict=True)]
+    sdk = statistics.median(sdk_totals)
     return {
         "parameters": NUM_PARAMETERS,
         "bytes": size,
         "repeats": REPEATS,
         "raw_upload_download_s": raw_times,
+        "raw_upload_s": raw_up,
+        "raw_download_s": raw_down,
         "sdk_fetch_s": sdk_fetch,
         "sdk_submit_s": sdk_submit,
+        "sdk_phases_s": phases,
         "median_raw_s": raw,
+        "median_raw_upload_s": statistics.median(raw_up),
+        "median_raw_download_s": statistics.median(raw_down),
         "median_sdk_s": sdk,
+        "median_sdk_phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
+        # per repeat, raw and SDK measured back to back: less exposed to load that comes and goes
+        "median_ratio_per_repeat": statistics.median(s / r for s, r in zip(sdk_totals, raw_times, strict=True)),
         "ratio_sdk_over_raw": sdk / raw,
     }
 
