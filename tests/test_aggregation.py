@@ -17,7 +17,7 @@ from scipy import stats
 from conftest import submit_deltas
 from fedbucket import LAYOUT, ObjectStore, tensors_to_bytes
 from fedbucket.client import upload_update
-from fedbucket.protocol.documents import AggregationReport, ModelManifest, read_document, utcnow
+from fedbucket.protocol.documents import AggregationReport, ModelManifest, UpdateManifest, read_document, utcnow
 from fedbucket.server.aggregation import run_aggregation
 from fedbucket.server.promotion import promote_candidate
 from fedbucket.server.rounds import freeze_round
@@ -187,6 +187,30 @@ def test_rejected_updates_do_not_change_the_result(tmp_path, strategy):
     for name in names:
         assert dirty.get_bytes(name)[0] == clean.get_bytes(name)[0], name
     assert not [p for p in (tmp_path / "dirty").rglob(".*assembly*")]
+
+
+def test_a_payload_replaced_after_the_close_is_rejected_and_the_rest_aggregated(tmp_path):
+    """Everything reads the updates as the close pinned them; one replaced since then cannot be read
+    (its generation moved): it is rejected with a code and never combined."""
+    from fedbucket import open_store
+
+    deltas, examples = client_deltas(3)
+    clean = open_store((tmp_path / "clean").as_uri(), create=True)
+    setup_round(clean, tmp_path, {k: deltas[k] for k in ("c0", "c1")}, examples)
+    run_aggregation(clean, "r1", build_strategy("fedavg"))
+
+    store = open_store((tmp_path / "b").as_uri(), create=True)
+    task = setup_round(store, tmp_path, deltas, examples)
+    freeze_round(store, task, reason="quorum", closed_at=utcnow())
+    manifest, _ = read_document(store, LAYOUT.update_manifest("c2", "r1"), UpdateManifest)
+    payload = LAYOUT.update_payload("c2", "r1", manifest.sha256)
+    store.put_bytes(payload, store.get_bytes(payload)[0])  # same bytes, a new generation
+    report = run_aggregation(store, "r1", build_strategy("fedavg"), shard_elements=11)
+    verdicts = {v.client_id: v for v in report.updates}
+    assert not verdicts["c2"].accepted and verdicts["c2"].code == "malformed_payload"
+    assert "no longer the one present when the round closed" in verdicts["c2"].reason
+    assert report.status == "aggregated"
+    assert store.get_bytes(LAYOUT.candidate_payload("r1"))[0] == clean.get_bytes(LAYOUT.candidate_payload("r1"))[0]
 
 
 def test_one_pass_below_quorum_releases_nothing(tmp_path):

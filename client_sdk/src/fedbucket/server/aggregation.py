@@ -567,6 +567,7 @@ def run_aggregation(
     outputs: ShardOutputs | None = None
     shards: list[Shard] = []
     optimistic: tuple[UpdateSource, ...] = ()
+    failed: list[_ShardFailed] = []
     try:
         # One pass where no norm decides a weight (no clipping, no central DP, no secure sum): every
         # update is checked in the same Spark stage that combines the shards from all the updates
@@ -591,6 +592,7 @@ def run_aggregation(
             items: list[ClosedUpdate | tuple[int, Shard]] = _interleave(updates, list(enumerate(shards)))
             results = engine(functools.partial(_check_or_combine, store.url, task, checked), items)
             validated = [r for r in results if isinstance(r, _Validated)]
+            failed = [r for r in results if isinstance(r, _ShardFailed)]
             timings["validate_and_aggregate_s"] = time.perf_counter() - t0
         else:
             log(f"round {round_id}: validating {len(updates)} update(s) ({len(closing.late)} late or unreadable)")
@@ -716,10 +718,11 @@ def run_aggregation(
                 list(enumerate(shards)),
             )
             timings["aggregate_s"] = time.perf_counter() - t0
-        elif sources != optimistic:  # a check failed: the same shards again without it (same bits as two passes)
+        elif sources != optimistic or failed:  # the same shards again without what failed (same bits as two passes)
             log(
-                f"{len(optimistic) - len(sources)} update(s) failed a check after being combined: aggregating the "
-                f"{len(sources)} accepted again in {len(shards)} shard(s)"
+                f"{len(optimistic) - len(sources)} update(s) failed a check after being combined"
+                + (f", {len(failed)} shard(s) could not be read ({failed[0].error})" if failed else "")
+                + f": aggregating the {len(sources)} accepted again in {len(shards)} shard(s)"
             )
             t0 = time.perf_counter()
             engine(
@@ -769,7 +772,7 @@ def run_aggregation(
     report.status = "aggregated"
     report.candidate_sha256 = sha
     report.engine["shards"] = len(shards)
-    report.engine["passes"] = 1 if optimistic and sources == optimistic else 2
+    report.engine["passes"] = 1 if optimistic and sources == optimistic and not failed else 2
     report.message = f"{len(sources)} of {len(verdicts)} update(s) accepted; candidate sha256 {sha[:12]}"
     report.timings = {**timings, "total_s": time.perf_counter() - started}
     write_document(store, layout.aggregation_report(round_id), report)
@@ -860,13 +863,22 @@ def _read_source(store_url: str, task: RoundTask, layout: BucketLayout, closed: 
     )
 
 
+@dataclass(frozen=True)
+class _ShardFailed:
+    index: int
+    error: str
+
+
 def _check_or_combine(
     store_url: str, task: RoundTask, plan: AggregationPlan, item: ClosedUpdate | tuple[int, Shard]
-) -> _Validated | int:
+) -> _Validated | int | _ShardFailed:
     """One item of the one-pass stage: check an update, or combine a shard."""
     if isinstance(item, ClosedUpdate):
         return _validate_closed(store_url, task, False, item)
-    return aggregate_shard(plan, *item)
+    try:
+        return aggregate_shard(plan, *item)
+    except StorageError as exc:  # e.g. an update replaced since the close: its check rejects it, the shards rerun
+        return _ShardFailed(item[0], str(exc))
 
 
 def _outside_the_sum(store: ObjectStore, task: RoundTask, closed: ClosedUpdate, shared: set[str]) -> UpdateVerdict:
