@@ -380,6 +380,9 @@ def run(args: argparse.Namespace) -> dict:
                 for k in sorted(mine[0]["timings"], key=lambda k: k == "total_s")
                 if all(k in r["timings"] for r in mine)
             },
+            "outside_job_median_s": statistics.median(r["seconds"] - r["timings"]["total_s"] for r in mine)
+            if all("total_s" in r["timings"] for r in mine)
+            else None,
             "shards": mine[0]["engine"].get("shards"),
             "executors": mine[-1]["executors"],
         }
@@ -421,8 +424,8 @@ def render(data: dict) -> str:
         f"`local[*]`, alternating, medians of {data['repeats']} run(s) each, {data['cpu_count']} cores, Spark "
         f"{data['spark_version']} (`python -m tests.benchmarks.run --only cluster`). The candidate and the "
         "aggregation report are deleted before every run. Phase columns are the job's own timings from its "
-        'aggregation report; "outside the job" is end to end minus the job\'s total (JVM and session start, '
-        "on the cluster also launching the executors).",
+        'aggregation report; "outside the job" is the median of end to end minus the job\'s total (JVM and '
+        "session start, on the cluster also launching the executors).",
         "",
         "| master | end to end s | outside the job s | "
         + " | ".join(f"{k.removesuffix('_s')} s" for k in phases)
@@ -431,7 +434,8 @@ def render(data: dict) -> str:
     ]
     for label, r in ((f"standalone cluster ({len(c['executors'])} executors)", c), ("`local[*]`", local)):
         p = r["phases_median_s"]
-        outside = f"{r['median_s'] - p['total_s']:.1f}" if "total_s" in p else "—"
+        outside_s = r.get("outside_job_median_s")
+        outside = f"{outside_s:.1f}" if outside_s is not None else "—"
         cells = " | ".join(f"{p[k]:.1f}" for k in phases)
         lines.append(f"| {label} | {r['median_s']:.1f} | {outside} | {cells} | {r['shards']} |")
     equal = data["bytes_equal"] and data["manifests_equal"]
