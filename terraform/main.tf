@@ -28,6 +28,12 @@ locals {
           matches_prefix = ["${var.federation_prefix}/rounds/"]
           matches_suffix = ["/candidate/model.safetensors"]
         },
+        # Parts of a candidate or optimiser state the executors wrote but a killed job never joined.
+        {
+          age            = 1
+          matches_prefix = ["${var.federation_prefix}/rounds/", "${var.federation_prefix}/state/"]
+          matches_suffix = [".part"]
+        },
       ]
     }
 

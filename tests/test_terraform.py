@@ -251,6 +251,8 @@ def test_federation_bucket_is_locked_down(tf):
     prefixes = [p for rule in spec["lifecycle_rules"] for p in rule.get("matches_prefix", [""])]
     assert "${var.federation_prefix}/updates/" in prefixes  # old updates expire
     assert not any(p.endswith("/models/") for p in prefixes)  # promoted models are retained
+    parts = [r for r in spec["lifecycle_rules"] if r.get("matches_suffix") == [".part"]]
+    assert parts and parts[0]["age"] == 1  # what a killed job's executors wrote (GCSStore's assembly parts)
     assert spec["retention_seconds"] == "${var.audit_retention_seconds}"  # optional audit retention
     for (rtype, name), body in tf["resources"].items():
         if rtype == "google_storage_bucket":

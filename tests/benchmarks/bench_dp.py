@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def render(data: dict) -> str:
     rows = data["results"]
+    data.setdefault("ratio_inner", rows["dp_fedavg"]["inner_median_s"] / rows["fedavg"]["inner_median_s"])
     lines = [
         "## Differential privacy in the Spark job",
         "",

@@ -1007,7 +1007,8 @@ class GCSStore(ObjectStore):
     _COMPOSE_FAN_IN = 32
 
     def _part_name(self, assembly: Assembly, label: str) -> str:
-        return f"{assembly.name}.assembly-{assembly.token}/{label}"
+        # ".part": a bucket lifecycle rule on that suffix removes what a killed job left behind
+        return f"{assembly.name}.assembly-{assembly.token}/{label}.part"
 
     def begin_assembly(self, name: str, size: int) -> Assembly:
         return Assembly(_check_name(name), size, uuid.uuid4().hex)
