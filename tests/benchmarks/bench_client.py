@@ -4,8 +4,9 @@
    safetensors file, versus the SDK's ``fetch_model`` (download + sha256 check + load) plus
    ``submit`` (delta + local validation + upload + manifest) of the same state dict, alternated in
    each repeat. Where the SDK's time goes is read from its own progress reports: each phase runs
-   from its first report to the next phase's (or its last report); "other" is the rest (round
-   checks, loading the cached base, the manifest).
+   from its first report to the next phase's first report or the end of its call (so "upload"
+   includes the server committing the object, and the manifest); "other" is the rest (round
+   checks, loading the cached base before the delta).
 2. Ten simulated clients (separate processes, real PyTorch training, Dirichlet(0.5)) in one round:
    wall time from opening the round to the tenth committed update, process start included.
 
@@ -49,12 +50,16 @@ class PhaseClock:
         self.starts.setdefault(phase, now)
         self.last[phase] = now
 
-    def durations(self) -> dict[str, float]:
+    def durations(self, call_ends: list[float]) -> dict[str, float]:
+        """Each phase until the next one starts or the call it belongs to returns, whichever is first."""
         order = sorted(self.starts, key=self.starts.__getitem__)
-        return {
-            phase: (self.starts[order[i + 1]] if i + 1 < len(order) else self.last[phase]) - self.starts[phase]
-            for i, phase in enumerate(order)
-        }
+        ends = {}
+        for i, phase in enumerate(order):
+            candidates = [t for t in call_ends if t >= self.last[phase]]
+            if i + 1 < len(order):
+                candidates.append(self.starts[order[i + 1]])
+            ends[phase] = min(candidates)
+        return {phase: ends[phase] - self.starts[phase] for phase in order}
 
 
 def sdk_overhead(tmp: Path) -> dict[str, object]:
@@ -97,7 +102,7 @@ def sdk_overhead(tmp: Path) -> dict[str, object]:
                 t2 = time.perf_counter()
             sdk_fetch.append(t1 - t0)
             sdk_submit.append(t2 - t1)
-            phase = clock.durations()
+            phase = clock.durations([t1, t2])
             phase["other"] = (t2 - t0) - sum(phase.values())
             phases.append(phase)
             print(
@@ -129,7 +134,7 @@ def sdk_overhead(tmp: Path) -> dict[str, object]:
 
 
 def simulated_round(tmp: Path, clients: int = 10) -> dict[str, object]:
-    store = open_store((tmp / "sim-bucket").as_uri())
+    store = open_store((tmp / "sim-bucket").as_uri(), create=True)
     spec = ModelSpec(name="mlp", kwargs={"hidden": 64})
     manifest = publish_model(store, state_dict_to_numpy(build_model(spec, seed=0)), version="init", model=spec)
     set_current_model(store, manifest, expected_generation=0)

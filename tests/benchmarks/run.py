@@ -32,6 +32,18 @@ def render_client(data: dict) -> str:
             f"manifest) | {o['median_sdk_s']:.2f} |",
             f"| ratio SDK / raw | **{o['ratio_sdk_over_raw']:.2f}** |",
             "",
+            *(
+                [
+                    f"Raw: upload {o['median_raw_upload_s']:.2f} s, download {o['median_raw_download_s']:.2f} s. "
+                    "Where the SDK's time goes (medians, from its progress reports): "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in o["median_sdk_phases_s"].items())
+                    + f". Median of the per-repeat ratios (raw and SDK back to back): "
+                    f"{o['median_ratio_per_repeat']:.2f}.",
+                    "",
+                ]
+                if "median_sdk_phases_s" in o
+                else []
+            ),
             f"One round of {s['clients']} simulated clients (separate processes, real PyTorch training, "
             f"{s['local_epochs']} local epochs, Dirichlet(0.5) digits): **{s['seconds_to_all_updates']:.1f} s** from "
             "opening the round to the last committed update, process start and torch import included.",
