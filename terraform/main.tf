@@ -12,7 +12,8 @@ locals {
   # is google_storage_bucket.buckets below, one definition that applies to every entry.
   #   log_bucket        where the bucket's usage logs go (null: none)
   #   retention_seconds retention policy (null: none)
-  #   lifecycle_rules   Delete rules on live objects, on top of the common noncurrent-version rule
+  #   lifecycle_rules   Delete rules (on live objects unless with_state = "ARCHIVED"), on top of the
+  #                     common noncurrent-version rule
   buckets = {
     # The only meeting point with the clients: models, rounds, updates, reports.
     federation = {
@@ -28,11 +29,19 @@ locals {
           matches_prefix = ["${var.federation_prefix}/rounds/"]
           matches_suffix = ["/candidate/model.safetensors"]
         },
-        # Parts of a candidate or optimiser state the executors wrote but a killed job never joined.
+        # Parts of a candidate or optimiser state the executors wrote but a killed job never joined,
+        # and the parts a finished job deleted (kept as noncurrent versions otherwise: a model's
+        # size per round for noncurrent_version_retention_days).
         {
           age            = 1
           matches_prefix = ["${var.federation_prefix}/rounds/", "${var.federation_prefix}/state/"]
           matches_suffix = [".part"]
+        },
+        {
+          days_since_noncurrent_time = 1
+          with_state                 = "ARCHIVED"
+          matches_prefix             = ["${var.federation_prefix}/rounds/", "${var.federation_prefix}/state/"]
+          matches_suffix             = [".part"]
         },
       ]
     }
@@ -88,9 +97,11 @@ resource "google_storage_bucket" "buckets" {
     for_each = each.value.lifecycle_rules
     content {
       condition {
-        age            = lifecycle_rule.value.age
-        matches_prefix = try(lifecycle_rule.value.matches_prefix, null)
-        matches_suffix = try(lifecycle_rule.value.matches_suffix, null)
+        age                        = try(lifecycle_rule.value.age, null)
+        days_since_noncurrent_time = try(lifecycle_rule.value.days_since_noncurrent_time, null)
+        with_state                 = try(lifecycle_rule.value.with_state, null)
+        matches_prefix             = try(lifecycle_rule.value.matches_prefix, null)
+        matches_suffix             = try(lifecycle_rule.value.matches_suffix, null)
       }
       action {
         type = "Delete"

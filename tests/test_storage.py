@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import tracemalloc
 
 import pytest
 
 from fedbucket import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError, open_store
-from fedbucket.protocol.storage import FileStore, GCSStore
+from fedbucket.protocol.storage import FileStore, GCSStore, Part
 
 
 def test_open_store_by_url(tmp_path, gcs_server):
@@ -140,31 +141,33 @@ def test_file_store_hides_temporary_files(tmp_path):
 
 
 def test_assembly_from_parts_written_by_many_workers(store: ObjectStore):
-    """Parts written in any order, from other store instances (as Spark executors do), a part
-    written twice (a retried task), more parts than one GCS compose takes: one atomic object."""
+    """Parts written in any order, from other store instances (as Spark executors do), a range
+    written twice (a retried task: the finish joins the parts it is given), more parts than one GCS
+    compose takes: one atomic object, and no scratch left behind."""
     payload = bytes(range(256)) * 300 + b"tail"
     cuts = list(range(0, len(payload), 1000))  # 77 parts: a two-level compose tree on GCS
-    parts = [(at, min(1000, len(payload) - at)) for at in cuts]
+    ranges = [(at, min(1000, len(payload) - at)) for at in cuts]
     store.put_bytes("rounds/r/candidate/model.bin", b"old")
     assembly = store.begin_assembly("rounds/r/candidate/model.bin", len(payload))
     workers = [open_store(store.url) for _ in range(3)]
+    parts: dict[int, Part] = {}
 
     def write(index: int) -> None:
-        offset, length = parts[index]
-        workers[index % 3].write_part(assembly, offset, memoryview(payload)[offset : offset + length])
+        offset, length = ranges[index]
+        parts[index] = workers[index % 3].write_part(assembly, offset, memoryview(payload)[offset : offset + length])
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in reversed(range(len(parts)))]
+    threads = [threading.Thread(target=write, args=(i,)) for i in reversed(range(len(ranges)))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    write(5)  # again: same bytes
+    write(5)  # again (a retried task): same bytes
     assert store.get_bytes("rounds/r/candidate/model.bin")[0] == b"old"  # nothing visible before the finish
     with pytest.raises(StorageError, match="tile"):
-        store.finish_assembly(assembly, parts[1:])
+        store.finish_assembly(assembly, [parts[i] for i in range(1, len(ranges))])
     with pytest.raises(StorageError, match="outside"):
         store.write_part(assembly, len(payload) - 2, b"abc")
-    info = store.finish_assembly(assembly, parts)
+    info = store.finish_assembly(assembly, [parts[i] for i in range(len(ranges))])
     assert info.size == len(payload)
     assert store.get_bytes("rounds/r/candidate/model.bin")[0] == payload
     assert [i.name for i in store.list("rounds/r/")] == ["rounds/r/candidate/model.bin"]  # no scratch left
@@ -174,3 +177,22 @@ def test_assembly_from_parts_written_by_many_workers(store: ObjectStore):
     store.abort_assembly(dropped)
     assert not store.exists("rounds/r/other.bin")
     assert [i.name for i in store.list("rounds/r/")] == ["rounds/r/candidate/model.bin"]
+
+
+def test_file_store_assembly_refuses_a_swapped_scratch_file(tmp_path):
+    """Whoever can write next to the candidate cannot make the workers write into another file:
+    the scratch file is pinned by inode at begin, opened without following links or blocking."""
+    store = FileStore(tmp_path)
+    assembly = store.begin_assembly("rounds/r/candidate/model.bin", 4)
+    scratch = next((tmp_path / "rounds/r/candidate").glob(".model.bin.assembly-*"))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    scratch.unlink()
+    os.link(victim, scratch)  # same size, another file
+    with pytest.raises(StorageError, match="replaced"):
+        store.write_part(assembly, 0, b"evil")
+    scratch.unlink()
+    os.mkfifo(scratch)  # a FIFO must not block the worker (no reader: refused by open, or as not a regular file)
+    with pytest.raises(StorageError):
+        store.write_part(assembly, 0, b"evil")
+    assert victim.read_bytes() == b"keep"

@@ -218,7 +218,10 @@ def test_buckets_are_hardened_by_one_definition(tf):
     assert "each.value.log_bucket" in dynamic["logging"]["for_each"]
     assert "each.value.retention_seconds" in dynamic["retention_policy"]["for_each"]
     for rule in (rule for spec in specs.values() for rule in spec["lifecycle_rules"]):
-        assert rule.get("age"), "a Delete rule on live objects without an age would delete everything"
+        if rule.get("with_state") == "ARCHIVED":  # a rule on noncurrent versions: bounded by their age
+            assert rule.get("days_since_noncurrent_time") and "age" not in rule
+        else:
+            assert rule.get("age"), "a Delete rule on live objects without an age would delete everything"
     # existing deployments keep their buckets: the three former resources move to their keys
     moves = {m["from"]: m["to"] for m in tf["moved"]}
     for key in BUCKETS:
@@ -252,7 +255,8 @@ def test_federation_bucket_is_locked_down(tf):
     assert "${var.federation_prefix}/updates/" in prefixes  # old updates expire
     assert not any(p.endswith("/models/") for p in prefixes)  # promoted models are retained
     parts = [r for r in spec["lifecycle_rules"] if r.get("matches_suffix") == [".part"]]
-    assert parts and parts[0]["age"] == 1  # what a killed job's executors wrote (GCSStore's assembly parts)
+    # GCSStore's assembly parts: what a killed job's executors wrote, and the deleted ones' old versions
+    assert {(r.get("age"), r.get("days_since_noncurrent_time")) for r in parts} == {(None, 1), (1, None)}
     assert spec["retention_seconds"] == "${var.audit_retention_seconds}"  # optional audit retention
     for (rtype, name), body in tf["resources"].items():
         if rtype == "google_storage_bucket":

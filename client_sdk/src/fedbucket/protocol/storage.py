@@ -9,9 +9,10 @@ Both stores give the same guarantees, checked by one conformance suite (tests/te
 - ``ObjectInfo.updated`` is the commit time as the store sees it (GCS: the server's clock; files:
   the inode's change time, which the kernel sets and no writer can forge), never a writer's stamp;
 - an object too large for one writer is *assembled*: :meth:`ObjectStore.begin_assembly` names it,
-  many workers write disjoint byte ranges (:meth:`~ObjectStore.write_part`, idempotent), and
-  :meth:`~ObjectStore.finish_assembly` commits it atomically once the parts tile it exactly (files:
-  positioned writes into one pre-sized hidden file; GCS: part objects joined by ``compose``);
+  many workers write disjoint byte ranges (:meth:`~ObjectStore.write_part` returns the
+  :class:`Part` it wrote), and :meth:`~ObjectStore.finish_assembly` commits exactly the parts it is
+  given, atomically, once they tile the object (files: positioned writes into one pre-sized hidden
+  file; GCS: one new object per written part, never overwritten, joined by ``compose``);
 - ``list(match_glob=...)`` filters on the store's side (GCS ``matchGlob``; files: a directory walk
   that only descends where the pattern can match), so a round's listing does not grow with history
   (the GCS emulator used in tests ignores ``matchGlob``; the client applies the pattern again);
@@ -28,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import fnmatch
@@ -94,22 +96,34 @@ class Assembly:
 
     Small and picklable: the driver begins it, workers write parts through their own store opened
     from the same URL, the driver finishes it. Nothing is visible under ``name`` until then.
+    ``identity`` pins the file store's scratch file (device, inode) so a swapped file is refused.
     """
 
     name: str
     size: int
     token: str
+    identity: tuple[int, int] | None = None
 
 
-def check_tiling(assembly: Assembly, parts: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``parts`` (offset, length) sorted by offset; :class:`StorageError` unless they cover
-    ``[0, assembly.size)`` exactly once (no gap, no overlap, no empty part)."""
-    ordered = sorted(parts)
+@dataclass(frozen=True)
+class Part:
+    """One byte range written into an assembly: what :meth:`ObjectStore.finish_assembly` joins.
+    ``key`` names where the store put it (GCS: the part object, unique per write; files: None)."""
+
+    offset: int
+    length: int
+    key: str | None = None
+
+
+def check_tiling(assembly: Assembly, parts: Sequence[Part]) -> list[Part]:
+    """``parts`` sorted by offset; :class:`StorageError` unless they cover ``[0, assembly.size)``
+    exactly once (no gap, no overlap, no empty part)."""
+    ordered = sorted(parts, key=lambda part: part.offset)
     at = 0
-    for offset, length in ordered:
-        if offset != at or length <= 0:
+    for part in ordered:
+        if part.offset != at or part.length <= 0:
             raise StorageError(f"{assembly.name}: parts do not tile the object (expected a part at byte {at})")
-        at += length
+        at += part.length
     if at != assembly.size:
         raise StorageError(f"{assembly.name}: parts cover {at} of {assembly.size} bytes")
     return ordered
@@ -205,16 +219,17 @@ class ObjectStore(ABC):
         """Start assembling a ``size``-byte object ``name`` from parts (nothing visible yet)."""
 
     @abstractmethod
-    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at byte ``offset`` of the assembly. Idempotent: writing the same part
-        again (a retried task) writes the same bytes. Safe from many processes at once."""
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> Part:
+        """Write ``data`` at byte ``offset`` of the assembly and return the :class:`Part` to finish
+        it with. Safe from many processes at once; a retried task may write the same range again
+        (the finish uses the parts it is given, so a late duplicate changes nothing)."""
 
     @abstractmethod
     def finish_assembly(
-        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+        self, assembly: Assembly, parts: Sequence[Part], *, if_generation_match: int | None = None
     ) -> ObjectInfo:
-        """Commit the assembly atomically as ``assembly.name``; ``parts`` are the ``(offset, length)``
-        written and must tile the object exactly (:func:`check_tiling`). Cleans up its scratch."""
+        """Commit the assembly atomically as ``assembly.name`` from exactly ``parts``, which must
+        tile the object (:func:`check_tiling`). Cleans up its scratch."""
 
     @abstractmethod
     def abort_assembly(self, assembly: Assembly) -> None:
@@ -558,13 +573,29 @@ class FileStore(ObjectStore):
     # -- assembly: positioned writes into one pre-sized hidden file -----------------------------
 
     def _assembly_file(self, assembly: Assembly, flags: int) -> int:
+        """The scratch file, opened without following a link or blocking on a FIFO, and refused
+        unless it is the very regular file ``begin_assembly`` made (same inode, one link, its size)."""
         with self._parent_fd(assembly.name) as (dir_fd, last):
             try:
-                return os.open(
-                    f".{last}.assembly-{assembly.token}", flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                fd = os.open(
+                    f".{last}.assembly-{assembly.token}",
+                    flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=dir_fd,
                 )
             except OSError as exc:
                 raise self._error(assembly.name, exc) from None
+        if assembly.identity is not None:
+            st = os.fstat(fd)
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_nlink != 1
+                or (st.st_dev, st.st_ino) != assembly.identity
+                or st.st_size != assembly.size
+            ):
+                os.close(fd)
+                raise StorageError(f"{self.url}/{assembly.name}: its assembly file was replaced; refused")
+        os.set_blocking(fd, True)
+        return fd
 
     def begin_assembly(self, name: str, size: int) -> Assembly:
         self._tmp_for(name)  # creates the folder, refuses links
@@ -572,13 +603,14 @@ class FileStore(ObjectStore):
         fd = self._assembly_file(assembly, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.ftruncate(fd, size)  # sparse: the parts fill it
+            st = os.fstat(fd)
         except OSError as exc:
             raise StorageError(f"{self.url}/{name}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
-        return assembly
+        return dataclasses.replace(assembly, identity=(st.st_dev, st.st_ino))
 
-    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> Part:
         view = memoryview(data).cast("B")
         _check_part(assembly, offset, len(view))
         fd = self._assembly_file(assembly, os.O_WRONLY)
@@ -590,9 +622,10 @@ class FileStore(ObjectStore):
             raise StorageError(f"{self.url}/{assembly.name}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
+        return Part(offset, len(view))
 
     def finish_assembly(
-        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+        self, assembly: Assembly, parts: Sequence[Part], *, if_generation_match: int | None = None
     ) -> ObjectInfo:
         check_tiling(assembly, parts)
         path = self._path(assembly.name)
@@ -600,8 +633,6 @@ class FileStore(ObjectStore):
         try:
             fd = self._assembly_file(assembly, os.O_RDONLY)
             try:
-                if os.fstat(fd).st_size != assembly.size:
-                    raise StorageError(f"{self.url}/{assembly.name}: assembly file changed size")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -1006,25 +1037,33 @@ class GCSStore(ObjectStore):
 
     _COMPOSE_FAN_IN = 32
 
+    def _parts_prefix(self, assembly: Assembly) -> str:
+        return f"{assembly.name}.assembly-{assembly.token}/"
+
     def _part_name(self, assembly: Assembly, label: str) -> str:
-        # ".part": a bucket lifecycle rule on that suffix removes what a killed job left behind
-        return f"{assembly.name}.assembly-{assembly.token}/{label}.part"
+        # unique per write; ".part": a bucket lifecycle rule on that suffix removes what a killed job left
+        return f"{self._parts_prefix(assembly)}{label}-{uuid.uuid4().hex}.part"
 
     def begin_assembly(self, name: str, size: int) -> Assembly:
         return Assembly(_check_name(name), size, uuid.uuid4().hex)
 
-    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> None:
+    def write_part(self, assembly: Assembly, offset: int, data: bytes | memoryview) -> Part:
         data = bytes(data)
         _check_part(assembly, offset, len(data))
+        # A new object per write, created only if absent: a retried or late duplicate never
+        # replaces a part the finish may already use (and a bucket retention policy forbids replacing).
         name = self._part_name(assembly, f"{offset:020d}")
-        with self._translate(name):  # an unconditional write of the same bytes: safe to retry
-            self._blob(name).upload_from_string(data, retry=self._retry, timeout=self._timeout)
+        self.put_bytes(name, data, if_generation_match=0)
+        return Part(offset, len(data), name)
 
     def finish_assembly(
-        self, assembly: Assembly, parts: Sequence[tuple[int, int]], *, if_generation_match: int | None = None
+        self, assembly: Assembly, parts: Sequence[Part], *, if_generation_match: int | None = None
     ) -> ObjectInfo:
-        sources = [self._part_name(assembly, f"{offset:020d}") for offset, _ in check_tiling(assembly, parts)]
-        scratch = list(sources)
+        sources = []
+        for part in check_tiling(assembly, parts):
+            if part.key is None or not part.key.startswith(self._parts_prefix(assembly)):
+                raise StorageError(f"{self.url}/{assembly.name}: part at byte {part.offset} is not of this assembly")
+            sources.append(part.key)
         try:
             level = 0
             while len(sources) > self._COMPOSE_FAN_IN:  # a tree of composes: 32 x 32 x ... parts
@@ -1032,14 +1071,11 @@ class GCSStore(ObjectStore):
                 sources = [self._part_name(assembly, f"compose-{level}-{i:06d}") for i in range(len(groups))]
                 for target, group in zip(sources, groups, strict=True):
                     self._compose(target, group, None)
-                scratch += sources
                 level += 1
             self._compose(assembly.name, sources, if_generation_match)
             info = self.stat(assembly.name)
-        finally:
-            for name in scratch:
-                with contextlib.suppress(StorageError):
-                    self.delete(name)
+        finally:  # every part and intermediate, and any late duplicate a retried task wrote
+            self.abort_assembly(assembly)
         if info.size != assembly.size:
             raise StorageError(f"{self.url}/{assembly.name}: assembled {info.size} bytes, expected {assembly.size}")
         return info
@@ -1057,7 +1093,7 @@ class GCSStore(ObjectStore):
 
     def abort_assembly(self, assembly: Assembly) -> None:
         with contextlib.suppress(StorageError):
-            for info in list(self.list(f"{assembly.name}.assembly-{assembly.token}/")):
+            for info in list(self.list(self._parts_prefix(assembly))):
                 with contextlib.suppress(StorageError):
                     self.delete(info.name)
 

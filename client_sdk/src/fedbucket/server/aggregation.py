@@ -61,7 +61,7 @@ from fedbucket.protocol.errors import (
 )
 from fedbucket.protocol.layout import LAYOUT, BucketLayout
 from fedbucket.protocol.secagg import Quantiser, element_offsets, update_schema
-from fedbucket.protocol.storage import STREAM_CHUNK_BYTES, Assembly, ObjectStore, cached_store
+from fedbucket.protocol.storage import STREAM_CHUNK_BYTES, Assembly, ObjectStore, Part, cached_store
 from fedbucket.protocol.tensors import NUMPY_DTYPES, Header, TensorInfo, read_header
 from fedbucket.protocol.validation import check_schema, read_payload_header, rejection_verdict, validate_closed
 from fedbucket.server.config import PrivacySettings
@@ -224,19 +224,35 @@ def _flat(parts: Sequence[np.ndarray], dtype: type = np.float64) -> np.ndarray:
     return np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype=dtype)
 
 
-def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> int:
+@dataclass(frozen=True)
+class ShardWritten:
+    """What one shard wrote: the parts the driver joins into the candidate and the state file."""
+
+    index: int
+    candidate: Part
+    state: tuple[Part, ...] = ()
+
+
+def aggregate_shard(plan: AggregationPlan, index: int, shard: Shard) -> ShardWritten:
     """Aggregate shard ``index`` and write its values (and server state) where ``plan.outputs``
-    says; returns ``index``. Idempotent: a retried task writes the same bytes again."""
-    assert plan.outputs is not None
+    says. A retried task writes the same bytes again; the driver joins the parts it was returned."""
     values, state = shard_values(plan, shard)
+    return _write_shard(plan, index, values, state)
+
+
+def _write_shard(plan: AggregationPlan, index: int, values: bytes, state: dict[str, bytes]) -> ShardWritten:
+    assert plan.outputs is not None
     store = cached_store(plan.store_url)
     outputs = plan.outputs
-    store.write_part(outputs.candidate, outputs.files.candidate_at[index], values)
+    candidate = store.write_part(outputs.candidate, outputs.files.candidate_at[index], values)
+    state_parts = ()
     if outputs.state is not None:
-        for state_name, data in state.items():
-            if data:
-                store.write_part(outputs.state, outputs.files.state_at[state_name][index], data)
-    return index
+        state_parts = tuple(
+            store.write_part(outputs.state, outputs.files.state_at[state_name][index], data)
+            for state_name, data in state.items()
+            if data
+        )
+    return ShardWritten(index, candidate, state_parts)
 
 
 def shard_values(plan: AggregationPlan, shard: Shard) -> tuple[bytes, dict[str, bytes]]:
@@ -428,11 +444,13 @@ def _starts(first: int, sizes: Sequence[int]) -> tuple[int, ...]:
 class ShardOutputs:
     """Where the shards write their results: the candidate and the server-optimiser state are
     assembled by the workers themselves (:class:`~fedbucket.protocol.storage.Assembly`), so the
-    driver never holds the model."""
+    driver never holds the model. The headers are written by the driver when it begins them."""
 
     files: OutputFiles
     candidate: Assembly
+    candidate_header: Part
     state: Assembly | None = None
+    state_header: Part | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +586,7 @@ def run_aggregation(
     shards: list[Shard] = []
     optimistic: tuple[UpdateSource, ...] = ()
     failed: list[_ShardFailed] = []
+    written: list[ShardWritten] = []
     try:
         # One pass where no norm decides a weight (no clipping, no central DP, no secure sum): every
         # update is checked in the same Spark stage that combines the shards from all the updates
@@ -591,6 +610,7 @@ def run_aggregation(
             checked = dataclasses.replace(plan, sources=optimistic, outputs=outputs)
             items: list[ClosedUpdate | tuple[int, Shard]] = _interleave(updates, list(enumerate(shards)))
             results = engine(functools.partial(_check_or_combine, store.url, task, checked), items)
+            written = [r for r in results if isinstance(r, ShardWritten)]
             validated = [r for r in results if isinstance(r, _Validated)]
             failed = [r for r in results if isinstance(r, _ShardFailed)]
             timings["validate_and_aggregate_s"] = time.perf_counter() - t0
@@ -713,41 +733,33 @@ def run_aggregation(
                 f"aggregating {len(sources)} update(s) with {strategy.describe()} in {len(shards)} shard(s){state_note}"
             )
             t0 = time.perf_counter()
-            engine(
-                functools.partial(_aggregate_indexed, dataclasses.replace(plan, outputs=outputs)),
-                list(enumerate(shards)),
-            )
+            written = _combine(engine, dataclasses.replace(plan, outputs=outputs), shards)
             timings["aggregate_s"] = time.perf_counter() - t0
-        elif sources != optimistic or failed:  # the same shards again without what failed (same bits as two passes)
+        elif sources != optimistic or failed:
+            # Combined again, into a fresh file: a late task of the first pass can only write into
+            # the dropped one. Same function of the same inputs: the bytes of two passes.
+            dropped = len({s.client_id for s in optimistic} - {s.client_id for s in sources})
             log(
-                f"{len(optimistic) - len(sources)} update(s) failed a check after being combined"
-                + (f", {len(failed)} shard(s) could not be read ({failed[0].error})" if failed else "")
-                + f": aggregating the {len(sources)} accepted again in {len(shards)} shard(s)"
+                f"{dropped} update(s) combined in the first pass failed a check"
+                + (f"; {len(failed)} shard(s) could not read an update ({failed[0].error})" if failed else "")
+                + f": combining the {len(sources)} accepted again in {len(shards)} shard(s)"
             )
             t0 = time.perf_counter()
-            engine(
-                functools.partial(_aggregate_indexed, dataclasses.replace(plan, outputs=outputs)),
-                list(enumerate(shards)),
-            )
+            _abort_outputs(store, outputs)
+            outputs = None
+            outputs = _begin_outputs(store, layout, round_id, base_header, strategy, shards)
+            written = _combine(engine, dataclasses.replace(plan, outputs=outputs), shards)
             timings["recompute_s"] = time.perf_counter() - t0
         else:
             log(f"aggregated {len(sources)} update(s) with {strategy.describe()}{state_note}")
 
         t0 = time.perf_counter()
-        files = outputs.files
         candidate_name = layout.candidate_payload(round_id)
+        if outputs.state is not None and outputs.state_header is not None:  # first: a candidate always has its state
+            store.finish_assembly(outputs.state, [outputs.state_header, *(p for w in written for p in w.state)])
         candidate_info = store.finish_assembly(
-            outputs.candidate, _parts(files.candidate_header, files.candidate_sizes, files.candidate_at)
+            outputs.candidate, [outputs.candidate_header, *(w.candidate for w in written)]
         )
-        if outputs.state is not None and files.state_header is not None:
-            store.finish_assembly(
-                outputs.state,
-                [
-                    part
-                    for at in files.state_at.values()
-                    for part in _parts(b"", files.state_sizes, at)
-                ] + [(0, len(files.state_header))],
-            )  # fmt: skip
         outputs = None  # committed: nothing left to abort
         sha = _sha256_of(store, candidate_name, candidate_info.generation)
         manifest = ModelManifest(
@@ -766,9 +778,7 @@ def run_aggregation(
         timings["write_s"] = time.perf_counter() - t0
     finally:
         if outputs is not None:  # below quorum, abandoned or failed: nothing of it is released
-            store.abort_assembly(outputs.candidate)
-            if outputs.state is not None:
-                store.abort_assembly(outputs.state)
+            _abort_outputs(store, outputs)
     report.status = "aggregated"
     report.candidate_sha256 = sha
     report.engine["shards"] = len(shards)
@@ -780,11 +790,8 @@ def run_aggregation(
     return report
 
 
-def _parts(header: bytes, sizes: Sequence[int], at: Sequence[int]) -> list[tuple[int, int]]:
-    """The ``(offset, length)`` parts of an assembled file: its header (if any), then every
-    non-empty shard block."""
-    head = [(0, len(header))] if header else []
-    return head + [(offset, size) for offset, size in zip(at, sizes, strict=True) if size]
+def _combine(engine: Engine, plan: AggregationPlan, shards: list[Shard]) -> list[ShardWritten]:
+    return engine(functools.partial(_aggregate_indexed, plan), list(enumerate(shards)))
 
 
 def _begin_outputs(
@@ -798,12 +805,25 @@ def _begin_outputs(
     """Start assembling the candidate (and state file) and write their headers; the shards write the rest."""
     files = output_files(base_header, strategy, shards)
     candidate = store.begin_assembly(layout.candidate_payload(round_id), files.candidate_size)
-    store.write_part(candidate, 0, files.candidate_header)
     state = None
-    if files.state_header is not None:
-        state = store.begin_assembly(layout.strategy_state(round_id), files.state_size)
-        store.write_part(state, 0, files.state_header)
-    return ShardOutputs(files, candidate, state)
+    try:
+        candidate_header = store.write_part(candidate, 0, files.candidate_header)
+        state_header = None
+        if files.state_header is not None:
+            state = store.begin_assembly(layout.strategy_state(round_id), files.state_size)
+            state_header = store.write_part(state, 0, files.state_header)
+    except BaseException:
+        store.abort_assembly(candidate)
+        if state is not None:
+            store.abort_assembly(state)
+        raise
+    return ShardOutputs(files, candidate, candidate_header, state, state_header)
+
+
+def _abort_outputs(store: ObjectStore, outputs: ShardOutputs) -> None:
+    store.abort_assembly(outputs.candidate)
+    if outputs.state is not None:
+        store.abort_assembly(outputs.state)
 
 
 def _sha256_of(store: ObjectStore, name: str, generation: int) -> str:
@@ -871,14 +891,16 @@ class _ShardFailed:
 
 def _check_or_combine(
     store_url: str, task: RoundTask, plan: AggregationPlan, item: ClosedUpdate | tuple[int, Shard]
-) -> _Validated | int | _ShardFailed:
+) -> _Validated | ShardWritten | _ShardFailed:
     """One item of the one-pass stage: check an update, or combine a shard."""
     if isinstance(item, ClosedUpdate):
         return _validate_closed(store_url, task, False, item)
+    index, shard = item
     try:
-        return aggregate_shard(plan, *item)
-    except StorageError as exc:  # e.g. an update replaced since the close: its check rejects it, the shards rerun
-        return _ShardFailed(item[0], str(exc))
+        values, state = shard_values(plan, shard)
+    except StorageError as exc:  # reading an update replaced since the close: its check rejects it, shards rerun
+        return _ShardFailed(index, str(exc))
+    return _write_shard(plan, index, values, state)  # a failure to write is the job's, not a client's
 
 
 def _outside_the_sum(store: ObjectStore, task: RoundTask, closed: ClosedUpdate, shared: set[str]) -> UpdateVerdict:
@@ -993,7 +1015,7 @@ def _privacy_admission(
     return kept, eligible, refused
 
 
-def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> int:
+def _aggregate_indexed(plan: AggregationPlan, item: tuple[int, Shard]) -> ShardWritten:
     return aggregate_shard(plan, *item)
 
 
