@@ -204,6 +204,7 @@ with DAG(
             "master": config.aggregation.spark_master,
             "driver_memory": config.aggregation.spark_driver_memory,
             "spark_submit": config.aggregation.spark_submit,
+            "class_data_cache": config.aggregation.spark_class_data_cache or None,
         }
         if scoring_steps:
             aggregate = LocalSparkSubmitOperator(

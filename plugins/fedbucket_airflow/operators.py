@@ -4,9 +4,12 @@ these classes hold arguments, talk to Airflow and sequence the calls."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -234,6 +237,11 @@ class LocalSparkSubmitOperator(BaseOperator):
     :param key_connection: an Airflow connection whose password is the differential-privacy noise key;
         passed to the job in its environment (``FEDBUCKET_DP_KEY``), never on its command line. If
         the connection does not exist the job inherits this process's ``FEDBUCKET_DP_KEY``, if any.
+    :param class_data_cache: a directory for a class-data-sharing archive of the spark-submit JVM
+        (the driver; in local mode the executors too). The first successful job writes it
+        (``-XX:ArchiveClassesAtExit``, a slower run), later jobs map Spark's classes from it instead
+        of loading them (about 3 s less per job here, out of ~11 s for a small round). The archive
+        is named after the spark-submit and java it was made with; a stale one is ignored by the JVM.
     """
 
     template_fields: Sequence[str] = ("application_args",)
@@ -249,10 +257,12 @@ class LocalSparkSubmitOperator(BaseOperator):
         skip_exit_codes: Sequence[int] = (),
         fail_exit_codes: Sequence[int] = (2,),
         key_connection: str | None = None,
+        class_data_cache: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.key_connection = key_connection
+        self.class_data_cache = class_data_cache
         self.application = application
         self.application_args = application_args
         self.master = master
@@ -267,10 +277,29 @@ class LocalSparkSubmitOperator(BaseOperator):
             self.log.info("stopping spark-submit (pid %d)", self._process.pid)
             self._process.terminate()
 
+    def _class_data(self, spark_submit: str) -> tuple[list[str], Path | None, Path | None]:
+        """spark-submit options for the class-data-sharing archive, the file this run writes (if it
+        makes the archive) and the archive's path."""
+        if not self.class_data_cache:
+            return [], None, None
+        java_home = os.environ.get("JAVA_HOME")  # spark-submit runs $JAVA_HOME/bin/java if set, else java on PATH
+        java = shutil.which("java", path=str(Path(java_home) / "bin")) if java_home else shutil.which("java")
+        identity = [Path(p).resolve() for p in (spark_submit, java or "java")]
+        key = hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns if p.exists() else 0) for p in identity]).encode())
+        directory = Path(self.class_data_cache).expanduser()
+        archive = directory / f"spark-{key.hexdigest()[:16]}.jsa"
+        if archive.is_file():
+            return ["--driver-java-options", f"-XX:SharedArchiveFile={archive}"], None, archive
+        directory.mkdir(parents=True, exist_ok=True)
+        # written under a name of its own, renamed once complete: a concurrent job never maps a half-written one
+        partial = directory / f".{archive.stem}.{uuid.uuid4().hex}.jsa"
+        return ["--driver-java-options", f"-XX:ArchiveClassesAtExit={partial}"], partial, archive
+
     def execute(self, context: Context) -> None:
         spark_submit = self.spark_submit or str(Path(sys.executable).parent / "spark-submit")
+        class_data, partial, archive = self._class_data(spark_submit)
         command = [
-            spark_submit, "--master", self.master, "--driver-memory", self.driver_memory,
+            spark_submit, "--master", self.master, "--driver-memory", self.driver_memory, *class_data,
             "--conf", "spark.ui.showConsoleProgress=false",
             self.application, *map(str, self.application_args),
         ]  # fmt: skip
@@ -290,6 +319,11 @@ class LocalSparkSubmitOperator(BaseOperator):
             assert process.stdout is not None
             for line in process.stdout:
                 self.log.info("%s", line.rstrip())
+        if partial is not None and archive is not None:
+            if process.returncode == 0 and partial.is_file():
+                partial.replace(archive)
+                self.log.info("class-data-sharing archive written: %s (later jobs start faster)", archive)
+            partial.unlink(missing_ok=True)
         name = Path(self.application).name
         if process.returncode in self.skip_exit_codes:
             raise AirflowSkipException(f"{name} exited {process.returncode}: skipping")
