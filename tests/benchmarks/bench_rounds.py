@@ -434,12 +434,17 @@ def render(data: dict) -> str:
             "(process, DAG parse) before publish: a scheduler pays that once, not per round.",
             "",
         ]
+        for step in data.get("steps", []):  # intermediate states of the code, measured in the same session
+            lines += [
+                f"- {step['label']}: median **{step['median_overhead_s']:.1f} s** over {step['rounds']} rounds.",
+                "",
+            ]
         b = data.get("baseline", {}).get("many_rounds")
         if b:
             parts = {name: statistics.median(breakdown(r)[name] for r in b["rounds"]) for name in GROUPS}
             lines += [
                 f"Before (commit {data['baseline'].get('commit', '?')}: aggregate and evaluate as two spark-submits, "
-                f"a new Execution API app per task), {len(b['rounds'])} rounds in the same invocation: median "
+                f"a new Execution API app per task), {len(b['rounds'])} rounds measured in the same session: median "
                 f"**{b['median_overhead_s']:.1f} s**; per phase (s): "
                 + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
                 + ".",
