@@ -380,6 +380,7 @@ def plot(data: dict) -> None:
             if before:
                 ax.axhline(before["median_overhead_s"], color="black", ls=":", lw=1, label="before: median")
             ax.axhline(15, color="grey", ls="--", lw=1, label="target 15 s")
+            ax.set_xticks(x[::2] if len(rows) > 10 else x)
             ax.set_xlabel("round")
             ax.set_ylabel("server overhead (s)")
             ax.set_title(f"{len(rows)} rounds, {data[key]['clients']} clients, small model")
