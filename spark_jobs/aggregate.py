@@ -23,11 +23,21 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # spark-submit runs this file as a script: make its sibling module importable on the driver.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _spark import configure_logging, spark_engine, spark_session
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from fedbucket.protocol.documents import AggregationReport
+    from fedbucket.protocol.storage import ObjectStore
+    from fedbucket.server.config import PrivacySettings
+    from fedbucket.server.strategies import Strategy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BELOW_QUORUM = 0, 1, 2, 3
 
@@ -73,20 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    configure_logging()
-    args = build_parser().parse_args(argv)
+@dataclass(frozen=True)
+class AggregationJob:
+    """What the arguments resolved to, before any Spark session starts."""
+
+    store: ObjectStore
+    strategy: Strategy
+    privacy: PrivacySettings | None
+    noise_key: bytes | None
+
+
+def prepare(args: argparse.Namespace) -> AggregationJob | None:
+    """Check the arguments (strategy and its options, privacy settings, the DP noise key); None
+    after logging the reason when one is bad (exit 2, before any session starts)."""
     from pydantic import ValidationError
 
     from fedbucket.protocol.documents import RoundTask, describe_validation_error, read_document
     from fedbucket.protocol.layout import LAYOUT
     from fedbucket.protocol.storage import open_store
-    from fedbucket.server.aggregation import run_aggregation
     from fedbucket.server.config import AggregationSettings, PrivacySettings, check_aggregation
     from fedbucket.server.privacy import load_noise_key
     from fedbucket.server.strategies import build_strategy
 
     try:
+        store = open_store(args.bucket)
         options = json.loads(args.strategy_options)
         if not isinstance(options, dict):
             raise ValueError("--strategy-options must be a JSON object")
@@ -95,38 +115,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_key = None
         if privacy is not None and privacy.dp:
             check_aggregation(AggregationSettings(strategy=args.strategy, options=options), privacy)
-            task, _ = read_document(open_store(args.bucket), LAYOUT.round_task(args.round_id), RoundTask)
+            task, _ = read_document(store, LAYOUT.round_task(args.round_id), RoundTask)
             if task.secure_aggregation is None:  # central DP: the server adds the noise (distributed: clients did)
                 noise_key = load_noise_key(secret=privacy.key_secret)
     except ValidationError as exc:
         log.error("--privacy: %s", describe_validation_error(exc))
-        return EXIT_USAGE
+        return None
     except ValueError as exc:  # ConfigError is a ValueError
         log.error("%s", exc)
-        return EXIT_USAGE
+        return None
+    return AggregationJob(store, strategy, privacy, noise_key)
 
+
+def aggregate(job: AggregationJob, args: argparse.Namespace, spark: SparkSession) -> AggregationReport | None:
+    """Run the round's aggregation on ``spark``; None after logging a configuration the round
+    refuses (e.g. a trimmed mean whose beta leaves nothing for this many clients: exit 2)."""
     from fedbucket.protocol.errors import ConfigError
+    from fedbucket.server.aggregation import run_aggregation
 
-    spark = spark_session(f"fedbucket-aggregate-{args.round_id}")
-    spark_context = spark.sparkContext
     try:
-        report = run_aggregation(
-            open_store(args.bucket),
+        return run_aggregation(
+            job.store,
             args.round_id,
-            strategy,
-            engine=spark_engine(spark_context),
+            job.strategy,
+            engine=spark_engine(spark.sparkContext),
             min_clients=args.min_clients,
             shard_elements=args.shard_elements,
-            engine_info={"spark_version": spark.version, "master": spark_context.master},
-            privacy=privacy,
-            noise_key=noise_key,
+            engine_info={"spark_version": spark.version, "master": spark.sparkContext.master},
+            privacy=job.privacy,
+            noise_key=job.noise_key,
             log=log.info,
         )
-    except ConfigError as exc:  # e.g. a trimmed mean whose beta leaves nothing for this many clients
+    except ConfigError as exc:
         log.error("%s", exc)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    job = prepare(args)
+    if job is None:
         return EXIT_USAGE
+    spark = spark_session(f"fedbucket-aggregate-{args.round_id}")
+    try:
+        report = aggregate(job, args, spark)
     finally:
         spark.stop()
+    if report is None:
+        return EXIT_USAGE
     return EXIT_OK if report.status == "aggregated" else args.below_quorum_exit_code
 
 

@@ -24,7 +24,6 @@ same candidate bit for bit and evaluates it).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -63,67 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)
-    from pydantic import ValidationError
-
-    from fedbucket.protocol.documents import RoundTask, describe_validation_error, read_document
-    from fedbucket.protocol.errors import ConfigError
-    from fedbucket.protocol.layout import LAYOUT
-    from fedbucket.protocol.storage import open_store
-    from fedbucket.server.aggregation import run_aggregation
-    from fedbucket.server.config import AggregationSettings, PrivacySettings, check_aggregation
+    job = aggregate_job.prepare(args)  # aggregate.py's checks: a bad argument exits 2 before any session
+    if job is None:
+        return EXIT_USAGE
     from fedbucket.server.evaluation import run_evaluation
-    from fedbucket.server.privacy import load_noise_key
-    from fedbucket.server.strategies import build_strategy
-
-    # The argument checks of aggregate.py's main, in the same order and with the same exits: a bad
-    # argument exits 2 before any session starts. (Kept in step with aggregate.py by
-    # tests/test_round_job.py, which runs both jobs on the same round.)
-    try:
-        store = open_store(args.bucket)
-        options = json.loads(args.strategy_options)
-        if not isinstance(options, dict):
-            raise ValueError("--strategy-options must be a JSON object")
-        strategy = build_strategy(args.strategy, options)
-        privacy = PrivacySettings.model_validate_json(args.privacy) if args.privacy else None
-        noise_key = None
-        if privacy is not None and privacy.dp:
-            check_aggregation(AggregationSettings(strategy=args.strategy, options=options), privacy)
-            task, _ = read_document(store, LAYOUT.round_task(args.round_id), RoundTask)
-            if task.secure_aggregation is None:  # central DP: the server adds the noise (distributed: clients did)
-                noise_key = load_noise_key(secret=privacy.key_secret)
-    except ValidationError as exc:
-        log.error("--privacy: %s", describe_validation_error(exc))
-        return EXIT_USAGE
-    except ValueError as exc:  # ConfigError is a ValueError
-        log.error("%s", exc)
-        return EXIT_USAGE
 
     spark = spark_session(f"fedbucket-round-{args.round_id}")
-    spark_context = spark.sparkContext
-    engine = spark_engine(spark_context)
     try:
-        try:
-            report = run_aggregation(
-                store,
-                args.round_id,
-                strategy,
-                engine=engine,
-                min_clients=args.min_clients,
-                shard_elements=args.shard_elements,
-                engine_info={"spark_version": spark.version, "master": spark_context.master},
-                privacy=privacy,
-                noise_key=noise_key,
-                log=log.info,
-            )
-        except ConfigError as exc:  # e.g. a trimmed mean whose beta leaves nothing for this many clients
-            log.error("%s", exc)
+        report = aggregate_job.aggregate(job, args, spark)
+        if report is None:
             return EXIT_USAGE
         if report.status != "aggregated":
             log.info("round %s: no candidate (%s): nothing to evaluate", args.round_id, report.status)
             return args.below_quorum_exit_code
         # the same session: no second JVM, and the aggregation's Python workers take the evaluation's tasks
         run_evaluation(
-            store, args.round_id, metric=args.metric, engine=engine, rows_per_task=args.rows_per_task, log=log.info
+            job.store,
+            args.round_id,
+            metric=args.metric,
+            engine=spark_engine(spark.sparkContext),
+            rows_per_task=args.rows_per_task,
+            log=log.info,
         )
     finally:
         spark.stop()
