@@ -138,13 +138,7 @@ def upload_update(
     size = Path(payload_path).stat().st_size
     with open(payload_path, "rb") as fp:
         validating = _phase(progress, "validate", size)
-        summary = check_payload(
-            _ProgressReader(fp, validating) if validating else fp,
-            size,
-            schema=update_schema(task),
-            max_bytes=task.max_update_bytes,
-            max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
-        )
+        summary = _check_stream(task, fp, size, validating)
     uploading = _phase(progress, "upload", size)
     return _commit_update(
         store,
@@ -180,13 +174,7 @@ def upload_delta(
     _check_can_upload(task, client_id, check_deadline=True)
     reader = _DeltaReader(arrays, base)
     computing = _phase(progress, "delta", reader.size)
-    summary = check_payload(
-        _ProgressReader(reader, computing) if computing else reader,
-        reader.size,
-        schema=update_schema(task),
-        max_bytes=task.max_update_bytes,
-        max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
-    )
+    summary = _check_stream(task, reader, reader.size, computing)
     payload = reader.payload
     uploading = _phase(progress, "upload", reader.size)
     return _commit_update(
@@ -199,6 +187,17 @@ def upload_delta(
         num_examples=num_examples,
         metrics=metrics,
         layout=layout,
+    )
+
+
+def _check_stream(task: RoundTask, fp: io.BufferedIOBase, size: int, progress: _PhaseProgress | None) -> PayloadSummary:
+    """The server's own payload checks for ``task``, over a stream read once (progress as it goes)."""
+    return check_payload(
+        _ProgressReader(fp, progress) if progress else fp,
+        size,
+        schema=update_schema(task),
+        max_bytes=task.max_update_bytes,
+        max_norm=None if task.secure_aggregation is not None else task.max_update_norm,
     )
 
 
