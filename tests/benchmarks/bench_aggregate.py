@@ -11,7 +11,7 @@ Generates N updates into a local federation (file://), then for each N times, si
     weight every layer of every model, then sum), skipped where it would need more than
     ``--max-memory-gb``.
 
-Each is run ``--repeats`` times in a subprocess whose process tree is sampled for the peak RSS of
+Each is run ``--repeats`` times, the approaches alternating within each repeat, in a subprocess whose process tree is sampled for the peak RSS of
 its largest process. Medians are reported. Run with ``make bench``.
 """
 
@@ -210,12 +210,14 @@ def run(args: argparse.Namespace) -> dict:
     for n in args.n:
         select_clients(root, n)
         row: dict = {"n": n, "update_bytes": n * MODEL_BYTES}
-        for approach in ("spark_e2e", "numpy_floor", "load_all"):
-            if approach == "load_all" and 2 * n * MODEL_BYTES > args.max_memory_gb * 1e9:
-                row["load_all"] = {"skipped": f"needs ~{2 * n * MODEL_BYTES / 1e9:.0f} GB (> {args.max_memory_gb} GB)"}
-                continue
-            times, peaks, inner = [], [], []
-            for _ in range(args.repeats):
+        approaches = ["spark_e2e", "numpy_floor"]
+        if 2 * n * MODEL_BYTES > args.max_memory_gb * 1e9:
+            row["load_all"] = {"skipped": f"needs ~{2 * n * MODEL_BYTES / 1e9:.0f} GB (> {args.max_memory_gb} GB)"}
+        else:
+            approaches.append("load_all")
+        measured: dict[str, dict[str, list]] = {a: {"times": [], "peaks": [], "inner": []} for a in approaches}
+        for _ in range(args.repeats):  # alternating: every approach sees the same machine and page cache
+            for approach in approaches:
                 with tempfile.TemporaryDirectory() as tmp:
                     if approach == "spark_e2e":
                         command = [
@@ -231,15 +233,20 @@ def run(args: argparse.Namespace) -> dict:
                     seconds, peak, done = measure(command, env)
                 if done.returncode != 0:
                     raise RuntimeError(f"{approach} N={n} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-                times.append(seconds)
-                peaks.append(peak)
+                measured[approach]["times"].append(seconds)
+                measured[approach]["peaks"].append(peak)
                 if approach == "spark_e2e":
                     report, _ = read_document(
                         open_store(root.as_uri()), LAYOUT.aggregation_report(ROUND), AggregationReport
                     )
-                    inner.append(report.timings)
-            row[approach] = {"seconds": times, "median_s": statistics.median(times), "peak_rss_bytes": max(peaks)}
-            if inner:
+                    measured[approach]["inner"].append(report.timings)
+        for approach, m in measured.items():
+            row[approach] = {
+                "seconds": m["times"],
+                "median_s": statistics.median(m["times"]),
+                "peak_rss_bytes": max(m["peaks"]),
+            }
+            if inner := m["inner"]:
                 row["spark_inner"] = {
                     "seconds": [t["total_s"] for t in inner],
                     "median_s": statistics.median(t["total_s"] for t in inner),
