@@ -11,8 +11,9 @@ Generates N updates into a local federation (file://), then for each N times, si
     weight every layer of every model, then sum), skipped where it would need more than
     ``--max-memory-gb``.
 
-Each is run ``--repeats`` times, the approaches alternating within each repeat, in a subprocess whose process tree is sampled for the peak RSS of
-its largest process. Medians are reported. Run with ``make bench``.
+Each is run ``--repeats`` times, the approaches alternating within each repeat, in a subprocess
+whose process tree is sampled for the peak RSS of its largest process. Medians are reported. Run
+with ``make bench``.
 """
 
 from __future__ import annotations
