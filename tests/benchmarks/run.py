@@ -221,8 +221,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=["client", "aggregate", "aggregate-scale", "dp", "cluster", "secagg", "ui", "rounds"],
-        help="run one benchmark (aggregate-scale, N = 64 against --n-big DistilBERT-sized updates, needs ~17 GB of "
+        choices=["client", "aggregate", "aggregate-scale", "dp", "cluster", "secagg", "ui", "rounds", "none"],
+        help="run one benchmark (none: only write docs/benchmarks.md from the figures already measured; "
+        "aggregate-scale, N = 64 against --n-big DistilBERT-sized updates, needs ~17 GB of "
         "disk per 64 extra updates and runs only when asked for)",
     )
     parser.add_argument("--secagg-n", default="10,50,100,200", help="secure aggregation: numbers of clients")
