@@ -361,7 +361,7 @@ def state_tensor_name(state_name: str, tensor: str) -> str:
     return f"{state_name}/{tensor}"
 
 
-def safetensors_header(
+def _safetensors_header(
     entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
 ) -> bytes:
     """A safetensors header (length prefix included) for ``(name, dtype, shape)`` entries laid out
@@ -417,13 +417,13 @@ def output_files(base_header: Header, strategy: Strategy, shards: Sequence[Shard
     strategy never reuses it)."""
     tensors = {n: TensorLayout.of(t) for n, t in base_header.tensors.items()}
     ordered = base_header.in_file_order()
-    candidate_header = safetensors_header((t.name, t.dtype, t.shape) for t in ordered)  # type: ignore[misc]
+    candidate_header = _safetensors_header((t.name, t.dtype, t.shape) for t in ordered)  # type: ignore[misc]
     sizes = tuple(_shard_bytes(shard, tensors) for shard in shards)
     candidate_at = _starts(len(candidate_header), sizes)
     state_header, state_sizes, state_at = None, (), {}
     if strategy.state_names:
         floats = [t for t in ordered if t.dtype in FLOAT_DTYPES]
-        state_header = safetensors_header(
+        state_header = _safetensors_header(
             ((state_tensor_name(s, t.name), STATE_DTYPE, t.shape) for s in strategy.state_names for t in floats),
             metadata={"strategy": strategy.name},
         )
